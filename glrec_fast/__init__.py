@@ -1,0 +1,14 @@
+"""glrec_fast: graph + language-model recommendation with context-aware gated fusion.
+
+    import glrec_fast as gl
+    ds = gl.load_dataset("ml-100k", split="random", seed=0)
+    g = gl.BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    out = gl.ops.propagate(g, x, num_layers=3)
+"""
+from . import ops, reference
+from .graph import (ITEM_COLD, ITEM_HEAD, ITEM_TAIL, USER_COLD, USER_WARM, BipartiteGraph)
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "reference", "BipartiteGraph", "ITEM_COLD", "ITEM_HEAD", "ITEM_TAIL", "USER_COLD",
+           "USER_WARM", "__version__"]

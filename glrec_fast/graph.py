@@ -1,0 +1,130 @@
+"""BipartiteGraph: the user–item interaction graph in CSR form, both directions.
+
+No dense adjacency is ever built. Users come first in the joint node numbering: user ``u`` is
+node ``u`` and item ``i`` is node ``num_users + i``. The joint CSR (``rowptr``, ``col``) holds both
+directions, so LightGCN's symmetric normalised adjacency is ``D^-1/2 A D^-1/2`` with ``dinv =
+deg^-1/2`` applied on the fly by the kernels (isolated nodes get ``dinv = 0``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Item contexts (DESIGN.md): cold = no training interaction; head = among the top 20% of items by
+# training interactions; tail = every other warm item. A cold item is never head.
+ITEM_COLD, ITEM_HEAD, ITEM_TAIL = 0, 1, 2
+ITEM_CONTEXT_NAMES = {ITEM_COLD: "cold", ITEM_HEAD: "head", ITEM_TAIL: "tail"}
+# User contexts: cold = no training interaction.
+USER_COLD, USER_WARM = 0, 1
+USER_CONTEXT_NAMES = {USER_COLD: "cold", USER_WARM: "warm"}
+HEAD_FRACTION = 0.2
+
+
+def _csr(src: torch.Tensor, dst: torch.Tensor, num_rows: int):
+    """CSR of edges src->dst, rows sorted, neighbours sorted within a row."""
+    order = torch.argsort(src * (int(dst.max()) + 1 if dst.numel() else 1) + dst, stable=True)
+    src, dst = src[order], dst[order]
+    counts = torch.bincount(src, minlength=num_rows)
+    rowptr = torch.zeros(num_rows + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=rowptr[1:])
+    return rowptr, dst.contiguous(), counts
+
+
+class BipartiteGraph:
+    """CSR user→item and item→user, degrees, symmetric normalisation and contexts."""
+
+    def __init__(self, user_rowptr, user_col, item_rowptr, item_col, num_users: int, num_items: int):
+        self.num_users = int(num_users)
+        self.num_items = int(num_items)
+        self.user_rowptr, self.user_col = user_rowptr, user_col    # user -> items
+        self.item_rowptr, self.item_col = item_rowptr, item_col    # item -> users
+        self.user_degree = (user_rowptr[1:] - user_rowptr[:-1])
+        self.item_degree = (item_rowptr[1:] - item_rowptr[:-1])
+        num_edges = int(user_col.numel())
+        # Joint CSR over users + items (both directions).
+        self.rowptr = torch.cat([user_rowptr, item_rowptr[1:] + num_edges])
+        self.col = torch.cat([user_col + self.num_users, item_col])
+        deg = torch.cat([self.user_degree, self.item_degree]).to(torch.float32)
+        self.dinv = torch.where(deg > 0, deg.clamp(min=1).rsqrt(), torch.zeros_like(deg))
+        self.item_context = self._item_context()
+        self.user_context = torch.where(self.user_degree > 0, USER_WARM, USER_COLD).to(torch.long)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_interactions(cls, edges: torch.Tensor, num_users: int, num_items: int) -> "BipartiteGraph":
+        """Build from a LongTensor [n, 2] of (user, item) contiguous ids. Duplicates are merged."""
+        edges = torch.as_tensor(edges)
+        if edges.dim() != 2 or edges.size(1) != 2:
+            raise ValueError(f"edges: expected a [n, 2] tensor of (user, item), got shape {tuple(edges.shape)}")
+        if edges.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"edges: expected an integer tensor, got {edges.dtype}")
+        edges = edges.to(torch.long).cpu()
+        if edges.numel():
+            if int(edges[:, 0].min()) < 0 or int(edges[:, 0].max()) >= num_users:
+                raise ValueError(f"edges: user ids must lie in [0, num_users={num_users}), got "
+                                 f"[{int(edges[:, 0].min())}, {int(edges[:, 0].max())}]")
+            if int(edges[:, 1].min()) < 0 or int(edges[:, 1].max()) >= num_items:
+                raise ValueError(f"edges: item ids must lie in [0, num_items={num_items}), got "
+                                 f"[{int(edges[:, 1].min())}, {int(edges[:, 1].max())}]")
+            edges = torch.unique(edges, dim=0)
+        u, i = edges[:, 0].contiguous(), edges[:, 1].contiguous()
+        urp, ucol, _ = _csr(u, i, num_users)
+        irp, icol, _ = _csr(i, u, num_items)
+        return cls(urp, ucol, irp, icol, num_users, num_items)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_nodes(self) -> int:
+        return self.num_users + self.num_items
+
+    @property
+    def num_edges(self) -> int:
+        """Number of (user, item) interactions; the joint CSR holds twice as many entries."""
+        return int(self.user_col.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.rowptr.device
+
+    def _item_context(self) -> torch.Tensor:
+        deg = self.item_degree
+        ctx = torch.full((self.num_items,), ITEM_TAIL, dtype=torch.long)
+        ctx[deg == 0] = ITEM_COLD
+        num_head = int(round(HEAD_FRACTION * self.num_items))
+        if num_head > 0:
+            # Ties broken by item id (stable sort) so the split is deterministic.
+            order = torch.argsort(-deg, stable=True)[:num_head]
+            head = order[deg[order] > 0]
+            ctx[head] = ITEM_HEAD
+        return ctx
+
+    @property
+    def cold_items(self) -> torch.Tensor:
+        return torch.nonzero(self.item_context == ITEM_COLD).flatten()
+
+    def norm_adj(self) -> torch.Tensor:
+        """The normalised joint adjacency as a torch sparse CSR tensor (for the reference path)."""
+        key = ("norm_adj", self.rowptr.device)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            rows = torch.repeat_interleave(torch.arange(self.num_nodes, device=self.rowptr.device),
+                                           self.rowptr[1:] - self.rowptr[:-1])
+            vals = self.dinv[rows] * self.dinv[self.col]
+            cache[key] = torch.sparse_csr_tensor(self.rowptr, self.col, vals,
+                                                 (self.num_nodes, self.num_nodes))
+        return cache[key]
+
+    def to(self, device) -> "BipartiteGraph":
+        """A copy with every tensor on ``device``."""
+        device = torch.device(device)
+        new = object.__new__(BipartiteGraph)
+        for k, v in self.__dict__.items():
+            if k == "_cache":
+                continue
+            new.__dict__[k] = v.to(device) if isinstance(v, torch.Tensor) else v
+        return new
+
+    def __repr__(self) -> str:
+        return (f"BipartiteGraph(num_users={self.num_users}, num_items={self.num_items}, "
+                f"num_edges={self.num_edges}, cold_items={int((self.item_context == ITEM_COLD).sum())})")

@@ -1,0 +1,210 @@
+"""The public ops: ``propagate``, ``gated_fusion``, ``neighbor_sample``.
+
+One op, one name, many devices: each op is defined once here as ``torch.ops.glrec.<name>``; the
+compiled extension (``glrec_fast._C``) registers its C++ (and CUDA) kernels under the same name,
+Triton kernels register for CUDA, and the device of the input tensors picks the kernel. Any
+device/op pair without a kernel gets the pure-torch reference from ``reference.py``, announced
+once with the reason. Autograd lives here, so it is the same for every kernel.
+
+``GLREC_BACKEND=reference`` makes the public wrappers call ``reference.py`` directly.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, reference
+
+SCHEMAS = {
+    "propagate": "propagate(Tensor rowptr, Tensor col, Tensor dinv, Tensor x, int num_layers) -> Tensor",
+    "gated_fusion": ("gated_fusion(Tensor e_graph, Tensor e_text, Tensor context, Tensor gate_weight, "
+                     "Tensor gate_bias) -> Tensor"),
+    "gated_fusion_backward": ("gated_fusion_backward(Tensor grad_out, Tensor e_graph, Tensor e_text, "
+                              "Tensor context, Tensor gate_weight, Tensor gate_bias) "
+                              "-> (Tensor, Tensor, Tensor, Tensor)"),
+}
+
+_lib = torch.library.Library("glrec", "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+_C = _backend.load_extension()  # registers TORCH_LIBRARY_IMPL(glrec, CPU/CUDA) kernels
+
+
+# --------------------------------------------------------------------------- reference kernels
+def _ref_propagate_kernel(rowptr, col, dinv, x, num_layers):
+    return reference.propagate_csr(rowptr, col, dinv, x, num_layers)
+
+
+def _ref_gated_fusion_kernel(e_graph, e_text, context, gate_weight, gate_bias):
+    return reference.gated_fusion(e_graph, e_text, context, gate_weight, gate_bias)
+
+
+def _ref_gated_fusion_backward_kernel(grad_out, e_graph, e_text, context, gate_weight, gate_bias):
+    """Closed-form gradients of ``reference.gated_fusion`` (float32 math)."""
+    go, eg, et = grad_out.float(), e_graph.float(), e_text.float()
+    w = gate_weight[context].float()
+    g = torch.sigmoid(w[:, 0] * eg + w[:, 1] * et + gate_bias[context].float())
+    dl = go * (eg - et) * g * (1 - g)
+    d_eg = go * g + dl * w[:, 0]
+    d_et = go * (1 - g) + dl * w[:, 1]
+    C, d = gate_bias.shape
+    d_w = torch.zeros((C, 2, d), dtype=torch.float32, device=eg.device)
+    d_w[:, 0].index_add_(0, context, dl * eg)
+    d_w[:, 1].index_add_(0, context, dl * et)
+    d_b = torch.zeros((C, d), dtype=torch.float32, device=eg.device).index_add_(0, context, dl)
+    return (d_eg.to(e_graph.dtype), d_et.to(e_text.dtype), d_w.to(gate_weight.dtype), d_b.to(gate_bias.dtype))
+
+
+_REFERENCE_KERNELS = {
+    "propagate": _ref_propagate_kernel,
+    "gated_fusion": _ref_gated_fusion_kernel,
+    "gated_fusion_backward": _ref_gated_fusion_backward_kernel,
+}
+
+# CUDA: Triton kernels where Triton imports.
+_TRITON_CUDA = {}
+if torch.cuda.is_available():
+    ok, why = _backend.triton_status()
+    if ok:
+        from .kernels import gated_fusion as _k_fusion  # noqa: E402
+        from .kernels import propagate as _k_prop  # noqa: E402
+        _TRITON_CUDA = {
+            "propagate": _k_prop.propagate,
+            "gated_fusion": _k_fusion.gated_fusion_forward,
+            "gated_fusion_backward": _k_fusion.gated_fusion_backward,
+        }
+    else:
+        _backend.announce("triton", f"glrec_fast: Triton unavailable, CUDA ops use the pure-torch "
+                                    f"reference because of {why}")
+
+KERNELS: dict[str, dict[str, str]] = {}  # op -> device -> which kernel serves it (env_report)
+for _name, _ref in _REFERENCE_KERNELS.items():
+    KERNELS[_name] = {"CPU": "C++ (_C)", "CUDA": "CUDA (_C)"}
+    if not _backend.extension_has(_name, "CPU"):
+        _lib.impl(_name, _ref, "CPU")
+        KERNELS[_name]["CPU"] = "reference"
+    if not _backend.extension_has(_name, "CUDA"):
+        _lib.impl(_name, _TRITON_CUDA.get(_name, _ref), "CUDA")
+        KERNELS[_name]["CUDA"] = "Triton" if _name in _TRITON_CUDA else "reference"
+
+
+# --------------------------------------------------------------------------- fake (meta) kernels
+@torch.library.register_fake("glrec::propagate")
+def _fake_propagate(rowptr, col, dinv, x, num_layers):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("glrec::gated_fusion")
+def _fake_gated_fusion(e_graph, e_text, context, gate_weight, gate_bias):
+    return torch.empty_like(e_graph)
+
+
+@torch.library.register_fake("glrec::gated_fusion_backward")
+def _fake_gated_fusion_backward(grad_out, e_graph, e_text, context, gate_weight, gate_bias):
+    return (torch.empty_like(e_graph), torch.empty_like(e_text), torch.empty_like(gate_weight),
+            torch.empty_like(gate_bias))
+
+
+# --------------------------------------------------------------------------- autograd
+def _propagate_setup(ctx, inputs, output):
+    rowptr, col, dinv, _x, num_layers = inputs
+    ctx.save_for_backward(rowptr, col, dinv)
+    ctx.num_layers = num_layers
+
+
+def _propagate_backward(ctx, grad):
+    # The normalised adjacency is symmetric, so the backward of the layer mean is the same
+    # propagation applied to the incoming gradient.
+    rowptr, col, dinv = ctx.saved_tensors
+    gx = torch.ops.glrec.propagate(rowptr, col, dinv, grad.contiguous(), ctx.num_layers)
+    return None, None, None, gx, None
+
+
+torch.library.register_autograd("glrec::propagate", _propagate_backward, setup_context=_propagate_setup)
+
+
+def _fusion_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _fusion_backward(ctx, grad):
+    e_graph, e_text, context, gate_weight, gate_bias = ctx.saved_tensors
+    d_eg, d_et, d_w, d_b = torch.ops.glrec.gated_fusion_backward(grad.contiguous(), e_graph, e_text,
+                                                                 context, gate_weight, gate_bias)
+    return d_eg, d_et, None, d_w, d_b
+
+
+torch.library.register_autograd("glrec::gated_fusion", _fusion_backward, setup_context=_fusion_setup)
+
+
+# --------------------------------------------------------------------------- public wrappers
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_float(name, t, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected float32, bfloat16 or float16, got {t.dtype}")
+
+
+def propagate(graph, x: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """LightGCN propagation: the mean of layers 0..num_layers of ``x`` over ``graph``.
+
+    ``x``: ``[num_users + num_items, d]``, users first, on the graph's device. Differentiable in ``x``.
+    """
+    _check_float("x", x, 2)
+    if x.size(0) != graph.num_nodes:
+        raise ValueError(f"x: expected {graph.num_nodes} rows (num_users {graph.num_users} + num_items "
+                         f"{graph.num_items}), got {x.size(0)}")
+    if x.device != graph.rowptr.device:
+        raise ValueError(f"x: on {x.device} but the graph is on {graph.rowptr.device}; move one with .to()")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+        raise ValueError(f"num_layers: expected a non-negative int, got {num_layers!r}")
+    if _backend.backend() == "reference":
+        return reference.propagate(graph, x, num_layers)
+    return torch.ops.glrec.propagate(graph.rowptr, graph.col, graph.dinv, x.contiguous(), num_layers)
+
+
+def gated_fusion(e_graph, e_text, context, gate_weight, gate_bias) -> torch.Tensor:
+    """``g * e_graph + (1 - g) * e_text`` with ``g = sigmoid(W[c,0]*e_graph + W[c,1]*e_text + b[c])``.
+
+    ``e_graph, e_text: [N, d]``; ``context: [N]`` int64 in ``[0, C)``; ``gate_weight: [C, 2, d]``;
+    ``gate_bias: [C, d]``. Differentiable in every float argument.
+    """
+    _check_float("e_graph", e_graph, 2)
+    _check_float("e_text", e_text, 2)
+    _check_float("gate_weight", gate_weight, 3)
+    _check_float("gate_bias", gate_bias, 2)
+    if e_text.shape != e_graph.shape:
+        raise ValueError(f"e_text: expected shape {tuple(e_graph.shape)} like e_graph, got {tuple(e_text.shape)}")
+    if e_text.dtype != e_graph.dtype:
+        raise ValueError(f"e_text: expected dtype {e_graph.dtype} like e_graph, got {e_text.dtype}")
+    n, d = e_graph.shape
+    if not isinstance(context, torch.Tensor) or context.dim() != 1 or context.numel() != n:
+        raise ValueError(f"context: expected a 1-d tensor of {n} context codes, got "
+                         f"{tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__}")
+    if context.dtype != torch.long:
+        raise ValueError(f"context: expected int64 (torch.long), got {context.dtype}")
+    C = gate_bias.size(0)
+    if gate_weight.shape != (C, 2, d):
+        raise ValueError(f"gate_weight: expected shape ({C}, 2, {d}), got {tuple(gate_weight.shape)}")
+    if gate_bias.shape != (C, d):
+        raise ValueError(f"gate_bias: expected shape ({C}, {d}), got {tuple(gate_bias.shape)}")
+    for name, t in (("e_text", e_text), ("context", context), ("gate_weight", gate_weight), ("gate_bias", gate_bias)):
+        if t.device != e_graph.device:
+            raise ValueError(f"{name}: on {t.device} but e_graph is on {e_graph.device}")
+    if n and (int(context.min()) < 0 or int(context.max()) >= C):
+        raise ValueError(f"context: codes must lie in [0, {C}) (gate_bias has {C} rows), got "
+                         f"[{int(context.min())}, {int(context.max())}]")
+    if _backend.backend() == "reference":
+        return reference.gated_fusion(e_graph, e_text, context, gate_weight, gate_bias)
+    return torch.ops.glrec.gated_fusion(e_graph.contiguous(), e_text.contiguous(), context.contiguous(),
+                                        gate_weight.contiguous(), gate_bias.contiguous())
+
+
+def kernel_report() -> dict:
+    """Which kernel serves each op on each device (for env_report)."""
+    return {name: dict(devs) for name, devs in KERNELS.items()}
