@@ -39,9 +39,10 @@ setup(
     name="glrec_fast",
     version="0.1.0",
     description="Graph + language-model recommendation with context-aware gated fusion and fused kernels",
-    packages=["glrec_fast", "glrec_fast.data", "glrec_fast.text", "glrec_fast.models", "glrec_fast.kernels"],
+    packages=["glrec_fast", "glrec_fast.data", "glrec_fast.text", "glrec_fast.models", "glrec_fast.configs",
+              "glrec_fast.kernels"],
     package_dir={"glrec_fast.kernels": "kernels"},
-    package_data={"glrec_fast": ["configs/*.yaml"]},
+    package_data={"glrec_fast.configs": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
     extras_require={

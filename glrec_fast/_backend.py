@@ -10,7 +10,7 @@ import importlib
 import os
 import warnings
 
-_announced: set[str] = set()
+_announced: dict[str, str] = {}  # key -> message, for env_report
 _state: dict[str, object] = {}
 
 
@@ -22,8 +22,13 @@ def announce(key: str, message: str) -> None:
     """Warn once per ``key`` for the process."""
     if key in _announced:
         return
-    _announced.add(key)
+    _announced[key] = message
     warnings.warn(message, GlrecFallbackWarning, stacklevel=3)
+
+
+def fallbacks() -> dict[str, str]:
+    """Every fallback announced so far in this process."""
+    return dict(_announced)
 
 
 def backend() -> str:

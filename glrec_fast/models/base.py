@@ -1,0 +1,57 @@
+"""What every recommender in glrec_fast exposes, so train.py, metrics and recommend() treat them alike."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
+    """Bayesian personalised ranking: -log sigmoid(s_pos - s_neg), averaged over the batch."""
+    return -torch.nn.functional.logsigmoid(pos_scores - neg_scores).mean()
+
+
+class Recommender(nn.Module):
+    """A model scored by the inner product of final user and item embeddings.
+
+    Subclasses implement ``embeddings() -> (user_emb [U, d], item_emb [I, d])`` (the final,
+    propagated/fused vectors, differentiable) and ``ego_params(users, pos, neg)`` (the raw
+    parameters the L2 regulariser applies to, as in LightGCN: only the batch's rows).
+    """
+
+    num_users: int
+    num_items: int
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def ego_params(self, users, pos, neg) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
+        """Scores of BPR triples and the L2 term: ``(pos_scores, neg_scores, reg)``."""
+        u_emb, i_emb = self.embeddings()
+        u, p, n = u_emb[users], i_emb[pos], i_emb[neg]
+        reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, neg)) / (2 * users.numel())
+        return (u * p).sum(-1), (u * n).sum(-1), reg
+
+    def loss(self, users, pos, neg, reg_weight: float) -> tuple[torch.Tensor, dict]:
+        ps, ns, reg = self(users, pos, neg)
+        bpr = bpr_loss(ps, ns)
+        return bpr + reg_weight * reg, {"bpr": bpr.detach(), "reg": reg.detach()}
+
+    @torch.no_grad()
+    def export(self) -> dict[str, torch.Tensor]:
+        """Final embeddings for ranking (what a checkpoint keeps for ``recommend``)."""
+        was = self.training
+        self.eval()
+        u, i = self.embeddings()
+        self.train(was)
+        return {"user_emb": u.detach().float().cpu(), "item_emb": i.detach().float().cpu()}
+
+    @torch.no_grad()
+    def scorer(self):
+        """A ``users -> [len(users), num_items]`` function with embeddings computed once."""
+        ex = self.export()
+        dev = next(self.parameters()).device
+        u, i = ex["user_emb"].to(dev), ex["item_emb"].to(dev)
+        return lambda users: u[users.to(dev)] @ i.T

@@ -1,0 +1,227 @@
+"""FusedHybridRec: a graph branch and a language branch, mixed per item by a context-aware gate.
+
+Branches
+  * graph: LightGCN over the training graph (``glrec_fast.ops.propagate``), giving ``g_u, g_i``.
+  * text:  frozen content vectors (an LM's item text embeddings; users: the mean of their training
+    items' vectors, plus user text where a dataset has it) through a small trainable MLP, ``t_u, t_i``.
+
+Fusion (``glrec_fast.ops.gated_fusion``): per context ``c`` and dimension,
+``g = sigmoid(W[c,0] * e_graph + W[c,1] * e_text + b[c] + prior)``, ``fused = g*e_graph + (1-g)*e_text``.
+Contexts: items cold / warm-head / warm-tail (a cold item is never head), users cold / warm — five
+gates in one ``[5, 2, d]`` table. ``prior`` is the grokking monitor's bounded offset (positive
+favours the graph branch). ``fusion="static"`` replaces the gate by one fixed weight ``alpha``
+(tuned on the validation split by the caller); ``fusion="graph"`` / ``"text"`` keep one branch.
+
+Cold start: a cold item has no graph signal, so its graph embedding is zero and its gate is the
+cold gate. The cold gate learns from data because training drops the graph embedding of a random
+``cold_drop`` fraction of warm items in every batch and routes them through the cold gate.
+
+Training loss: BPR on the fused scores plus ``aux_weight`` x (BPR on graph-only scores + BPR on
+text-only scores). The auxiliary terms keep each branch a ranker on its own, which is what lets the
+grokking monitor evaluate every branch separately and lets the gate compare two meaningful signals.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..graph import ITEM_COLD, USER_COLD
+from .base import Recommender, bpr_loss
+
+NUM_ITEM_CONTEXTS = 3            # ITEM_COLD, ITEM_HEAD, ITEM_TAIL
+USER_GATE_OFFSET = NUM_ITEM_CONTEXTS  # user contexts USER_COLD/USER_WARM use gates 3 and 4
+NUM_GATES = NUM_ITEM_CONTEXTS + 2
+FUSIONS = ("gated", "static", "graph", "text")
+
+
+class FusedHybridRec(Recommender):
+    def __init__(self, graph, content: torch.Tensor, user_content: torch.Tensor | None = None,
+                 graph_branch: str = "lightgcn", fusion: str = "gated", dim: int = 64, num_layers: int = 3,
+                 text_hidden: int = 128, cold_drop: float = 0.2, aux_weight: float = 0.5,
+                 static_weight: float = 0.5, init_std: float = 0.1):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
+        if graph_branch != "lightgcn":
+            raise ValueError(f"graph_branch: FusedHybridRec supports 'lightgcn' as its full-graph branch, got "
+                             f"{graph_branch!r}")
+        content = torch.as_tensor(content, dtype=torch.float32)
+        if content.dim() != 2 or content.size(0) != graph.num_items:
+            raise ValueError(f"content: expected [num_items={graph.num_items}, content_dim], got "
+                             f"{tuple(content.shape)}")
+        if not torch.isfinite(content).all():
+            raise ValueError("content: contains NaN or infinite values")
+        if user_content is None:
+            user_content = _mean_of_items(content, graph)
+        user_content = torch.as_tensor(user_content, dtype=torch.float32)
+        if user_content.shape != (graph.num_users, content.size(1)):
+            raise ValueError(f"user_content: expected [num_users={graph.num_users}, {content.size(1)}], "
+                             f"got {tuple(user_content.shape)}")
+        if not 0.0 <= cold_drop < 1.0:
+            raise ValueError(f"cold_drop: expected a fraction in [0, 1), got {cold_drop}")
+        if not 0.0 <= static_weight <= 1.0:
+            raise ValueError(f"static_weight: expected a weight in [0, 1], got {static_weight}")
+        self.graph = graph
+        self.num_users, self.num_items = graph.num_users, graph.num_items
+        self.fusion, self.num_layers = fusion, num_layers
+        self.cold_drop, self.aux_weight, self.static_weight = float(cold_drop), float(aux_weight), float(static_weight)
+        self.register_buffer("content", content)
+        self.register_buffer("user_content", user_content)
+        self.register_buffer("item_context", graph.item_context.clone())
+        self.register_buffer("user_context", graph.user_context.clone())
+        # Grokking monitor's offset on the gate logits (0-dim, positive favours the graph branch).
+        self.register_buffer("fusion_prior", torch.zeros(()))
+        self.ego = nn.Embedding(graph.num_nodes, dim)
+        nn.init.normal_(self.ego.weight, std=init_std)
+        cd = content.size(1)
+        self.projector = nn.Sequential(nn.Linear(cd, text_hidden), nn.GELU(), nn.Linear(text_hidden, dim))
+        # Gates start at g = 0.5 everywhere (a plain average), so any deviation is learned.
+        self.gate_weight = nn.Parameter(torch.zeros(NUM_GATES, 2, dim))
+        self.gate_bias = nn.Parameter(torch.zeros(NUM_GATES, dim))
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        dev = self.ego.weight.device
+        if self.graph.device != dev:
+            self.graph = self.graph.to(dev)
+        return out
+
+    # ------------------------------------------------------------------ branches
+    def graph_embeddings(self):
+        if self.fusion == "text":
+            return None, None
+        out = ops.propagate(self.graph, self.ego.weight, self.num_layers)
+        g_u, g_i = out[: self.num_users], out[self.num_users:]
+        # A cold item (no training interaction) has no graph signal: its graph embedding is zero,
+        # the same value the cold-start simulation gives dropped warm items.
+        cold = (self.item_context == ITEM_COLD).unsqueeze(1)
+        return g_u, g_i.masked_fill(cold, 0.0)
+
+    def text_item(self, items=None):
+        return self.projector(self.content if items is None else self.content[items])
+
+    def text_user(self, users=None):
+        return self.projector(self.user_content if users is None else self.user_content[users])
+
+    def _fuse(self, e_graph, e_text, gate_ids):
+        if self.fusion == "graph":
+            return e_graph
+        if self.fusion == "text":
+            return e_text
+        if self.fusion == "static":
+            a = self.static_weight
+            return a * e_graph + (1 - a) * e_text
+        return ops.gated_fusion(e_graph, e_text, gate_ids, self.gate_weight, self.gate_bias + self.fusion_prior)
+
+    def gate_values(self, e_graph, e_text, gate_ids):
+        """The gate g per row and dimension (1 = all graph, 0 = all text), for reports and plots."""
+        from ..reference import gate_values
+        return gate_values(e_graph, e_text, gate_ids, self.gate_weight, self.gate_bias + self.fusion_prior)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, users, pos, neg, reg_weight: float):
+        g_u, g_i = self.graph_embeddings()
+        items = torch.cat([pos, neg])
+        t_u, t_i = self.text_user(users), self.text_item(items)
+        i_ctx = self.item_context[items]
+        if g_i is not None:
+            gu_b, gi_b = g_u[users], g_i[items]
+            if self.training and self.cold_drop > 0:
+                # Cold-start simulation: drop the graph embedding of a random fraction of warm items
+                # (the same items for every occurrence in this batch) and route them to the cold gate.
+                drop_item = torch.rand(self.num_items, device=items.device) < self.cold_drop
+                drop = drop_item[items] & (i_ctx != ITEM_COLD)
+                gi_b = gi_b.masked_fill(drop.unsqueeze(1), 0.0)
+                i_ctx = torch.where(drop, torch.full_like(i_ctx, ITEM_COLD), i_ctx)
+        else:
+            gu_b = gi_b = None
+        u_ids = self.user_context[users] + USER_GATE_OFFSET
+        if self.fusion in ("gated", "static"):
+            f_u = self._fuse(gu_b, t_u, u_ids)
+            f_i = self._fuse(gi_b, t_i, i_ctx)
+        else:
+            f_u, f_i = (gu_b, gi_b) if self.fusion == "graph" else (t_u, t_i)
+        B = users.numel()
+        fp, fn = (f_u * f_i[:B]).sum(-1), (f_u * f_i[B:]).sum(-1)
+        loss_main = bpr_loss(fp, fn)
+        parts = {"bpr": loss_main.detach()}
+        total = loss_main
+        if self.fusion in ("gated", "static") and self.aux_weight > 0:
+            l_g = bpr_loss((gu_b * gi_b[:B]).sum(-1), (gu_b * gi_b[B:]).sum(-1))
+            l_t = bpr_loss((t_u * t_i[:B]).sum(-1), (t_u * t_i[B:]).sum(-1))
+            total = total + self.aux_weight * (l_g + l_t)
+            parts.update(bpr_graph=l_g.detach(), bpr_text=l_t.detach())
+        if self.fusion != "text":
+            w = self.ego.weight
+            reg = (w[users].pow(2).sum() + w[self.num_users + pos].pow(2).sum()
+                   + w[self.num_users + neg].pow(2).sum()) / (2 * B)
+            total = total + reg_weight * reg
+            parts["reg"] = reg.detach()
+        return total, parts
+
+    # ------------------------------------------------------------------ ranking
+    def branch_embeddings(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(user, item) embeddings of each branch: 'graph', 'text' and 'fused' (as available)."""
+        g_u, g_i = self.graph_embeddings()
+        t_u, t_i = self.text_user(), self.text_item()
+        out = {}
+        if g_u is not None:
+            out["graph"] = (g_u, g_i)
+        out["text"] = (t_u, t_i)
+        if self.fusion in ("gated", "static"):
+            out["fused"] = (self._fuse(g_u, t_u, self.user_context + USER_GATE_OFFSET),
+                            self._fuse(g_i, t_i, self.item_context))
+        return out
+
+    def embeddings(self):
+        br = self.branch_embeddings()
+        key = {"graph": "graph", "text": "text"}.get(self.fusion, "fused")
+        return br[key]
+
+    @torch.no_grad()
+    def gate_report(self) -> dict[str, float]:
+        """Mean gate value (share of the graph branch) per item/user context."""
+        if self.fusion != "gated":
+            return {}
+        g_u, g_i = self.graph_embeddings()
+        t_u, t_i = self.text_user(), self.text_item()
+        gi = self.gate_values(g_i, t_i, self.item_context).mean(1)
+        gu = self.gate_values(g_u, t_u, self.user_context + USER_GATE_OFFSET).mean(1)
+        out = {}
+        for code, name in ((0, "cold"), (1, "head"), (2, "tail")):
+            sel = self.item_context == code
+            if bool(sel.any()):
+                out[f"gate/item_{name}"] = float(gi[sel].mean())
+        for code, name in ((USER_COLD, "cold"), (1 - USER_COLD, "warm")):
+            sel = self.user_context == code
+            if bool(sel.any()):
+                out[f"gate/user_{name}"] = float(gu[sel].mean())
+        return out
+
+
+def _mean_of_items(content: torch.Tensor, graph) -> torch.Tensor:
+    """Each user's content vector: the mean of their training items' vectors (zeros if none)."""
+    deg = graph.user_degree.clamp(min=1).to(content.dtype).unsqueeze(1)
+    rows = torch.repeat_interleave(torch.arange(graph.num_users), graph.user_degree)
+    out = torch.zeros(graph.num_users, content.size(1), dtype=content.dtype)
+    out.index_add_(0, rows, content[graph.user_col])
+    return out / deg
+
+
+def build(cfg: dict, ds, graph, device) -> FusedHybridRec:
+    """The hybrid for ``python -m glrec_fast.train --model hybrid`` (encodes item text, cached)."""
+    from .. import text
+    if getattr(ds, "item_text", None) is None:
+        raise ValueError(f"--model hybrid: dataset {ds.name!r} has no item text for the language branch; "
+                         f"use a dataset with text (ml-100k, synthetic, RecBole .item files) or --model lightgcn")
+    enc = text.get_encoder(cfg["encoder"], device=device, model_path=cfg.get("encoder_path"))
+    content = text.encode_items(ds, enc)
+    user_text_vecs = None
+    if getattr(ds, "user_text", None) is not None:
+        user_text_vecs = text.encode_items(list(ds.user_text), enc)  # cached like item text
+    user_content = text.user_vectors(content, ds.train, ds.num_users, user_text_vecs)
+    return FusedHybridRec(graph, content, user_content, graph_branch=cfg["graph_branch"], fusion=cfg["fusion"],
+                          dim=cfg["emb_dim"], num_layers=cfg["num_layers"], text_hidden=cfg["text_hidden"],
+                          cold_drop=cfg["cold_drop"], aux_weight=cfg["aux_weight"],
+                          static_weight=cfg["static_weight"], init_std=cfg["init_std"])

@@ -1,0 +1,44 @@
+"""LightGCN (He et al., 2020): the mean of K rounds of symmetric-normalised propagation.
+
+Propagation goes through ``glrec_fast.ops.propagate`` (fused C++ on CPU, Triton on CUDA, reference
+elsewhere), which also provides the backward pass. As in the paper's code, the whole graph is
+propagated for every batch, so the op's speed is the training speed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .base import Recommender
+
+
+class LightGCN(Recommender):
+    def __init__(self, graph, dim: int = 64, num_layers: int = 3, init_std: float = 0.1):
+        super().__init__()
+        if num_layers < 0:
+            raise ValueError(f"num_layers: expected >= 0, got {num_layers}")
+        self.graph = graph
+        self.num_users, self.num_items = graph.num_users, graph.num_items
+        self.num_layers = num_layers
+        self.ego = nn.Embedding(graph.num_nodes, dim)  # users first, then items
+        nn.init.normal_(self.ego.weight, std=init_std)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keep the (non-parameter) graph on the same device as the parameters.
+        out = super()._apply(fn, *args, **kwargs)
+        dev = self.ego.weight.device
+        if self.graph.device != dev:
+            self.graph = self.graph.to(dev)
+        return out
+
+    def propagated(self) -> torch.Tensor:
+        return ops.propagate(self.graph, self.ego.weight, self.num_layers)
+
+    def embeddings(self):
+        out = self.propagated()
+        return out[: self.num_users], out[self.num_users:]
+
+    def ego_params(self, users, pos, neg):
+        w = self.ego.weight
+        return [w[users], w[self.num_users + pos], w[self.num_users + neg]]

@@ -1,0 +1,327 @@
+"""``python -m glrec_fast.train``: load data, build a model, train with BPR, evaluate, checkpoint.
+
+    python -m glrec_fast.train                       # the embedded default (synthetic data)
+    python -m glrec_fast.train --dataset ml-100k --split random --model lightgcn --epochs 50 --out runs/ml
+    python -m glrec_fast.train --config my.yaml --lr 0.002 --resume
+
+Writes to ``--out``: ``metrics.json`` (``{"valid": {...}, "test": {...}}``), ``config.yaml`` (the
+resolved configuration), ``train.log``, ``best.pt`` (final embeddings + id maps, for
+``glrec_fast.recommend``) and ``last.pt`` (everything ``--resume`` needs). Checkpoints are written
+atomically. A NaN or infinite loss stops the run with a clear message and keeps the last good
+checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint, config, metrics
+from .graph import BipartiteGraph
+
+log = logging.getLogger("glrec_fast.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- setup
+def _setup_logging(out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    root = logging.getLogger("glrec_fast")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_glrec", False):
+            root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(os.path.join(out, "train.log"))):
+        h.setFormatter(fmt)
+        h._glrec = True
+        root.addHandler(h)
+    root.propagate = False
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but torch sees no CUDA device")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg):
+    from .data import load_dataset
+    kw = {}
+    if cfg["dataset"] == "synthetic":
+        kw = dict(num_users=cfg["synthetic_users"], num_items=cfg["synthetic_items"],
+                  num_interactions=cfg["synthetic_interactions"])
+    return load_dataset(cfg["dataset"], split=cfg["split"], seed=cfg["seed"], **kw)
+
+
+def build_model(cfg, ds, graph: BipartiteGraph, device):
+    """Model by name; each builder imports its module lazily so optional parts stay optional."""
+    name = cfg["model"]
+    if name == "mf":
+        from .models.mf import MF
+        return MF(ds.num_users, ds.num_items, cfg["emb_dim"], cfg["init_std"])
+    if name == "lightgcn" and not cfg["sampled"]:
+        from .models.lightgcn import LightGCN
+        return LightGCN(graph, cfg["emb_dim"], cfg["num_layers"], cfg["init_std"])
+    if name in ("graphsage", "lightgcn"):
+        from .models import graphsage
+        return graphsage.build(cfg, ds, graph)
+    if name == "hybrid":
+        from .models import hybrid
+        return hybrid.build(cfg, ds, graph, device)
+    raise ValueError(f"model: unknown {name!r}; expected mf | lightgcn | graphsage | hybrid")
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample_negatives(users: torch.Tensor, num_items: int, train_keys: torch.Tensor,
+                     gen: torch.Generator, max_tries: int = 20) -> torch.Tensor:
+    """One uniformly drawn item per user that the user has not interacted with in training.
+
+    ``train_keys`` is the sorted tensor of ``user * num_items + item`` training keys. Collisions are
+    re-drawn (vectorised); after ``max_tries`` rounds the rare leftovers (users who saw nearly
+    every item) keep their last draw.
+    """
+    neg = torch.randint(0, num_items, users.shape, generator=gen)
+    if train_keys.numel() == 0:
+        return neg
+    for _ in range(max_tries):
+        keys = users * num_items + neg
+        idx = torch.searchsorted(train_keys, keys).clamp(max=train_keys.numel() - 1)
+        bad = train_keys[idx] == keys
+        n_bad = int(bad.sum())
+        if n_bad == 0:
+            break
+        neg[bad] = torch.randint(0, num_items, (n_bad,), generator=gen)
+    return neg
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_split(model, ds, graph, split: str, cfg, device) -> dict:
+    pairs = getattr(ds, split)
+    if pairs.numel() == 0:
+        return {}
+    exclude = [ds.train] + ([ds.valid] if split == "test" and ds.valid.numel() else [])
+    model.eval()
+    try:
+        return metrics.evaluate(model.scorer(), pairs, ds.num_users, ds.num_items, exclude=exclude,
+                                ks=cfg["topk"], item_context=graph.item_context,
+                                batch_size=cfg["eval_batch_size"], device=device)
+    finally:
+        model.train()
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg: dict, callbacks=()) -> dict:
+    """Run one training job described by ``cfg`` (see configs/default.yaml). Returns metrics."""
+    out = cfg["out"]
+    _setup_logging(out)
+    if cfg["num_threads"]:
+        torch.set_num_threads(int(cfg["num_threads"]))
+    device = _device(cfg["device"])
+    seed_everything(cfg["seed"])
+    t0 = time.time()
+    ds = load_data(cfg)
+    log.info("data: %s", ds.summary() if hasattr(ds, "summary") else ds)
+    graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    log.info("graph: %s (load %.1fs)", graph, time.time() - t0)
+    model = build_model(cfg, ds, graph, device).to(device)
+    graph_dev = graph.to(device) if device.type != "cpu" else graph
+    opt = _optimizer(model, cfg)
+    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+    checkpoint.write_text(os.path.join(out, "config.yaml"), config.dump(cfg))
+
+    state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad_evals": 0, "history": []}
+    best_export = None
+    if cfg["resume"]:
+        if not os.path.isfile(last_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {last_path!r} to continue from")
+        ck = checkpoint.load(last_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        state = ck["state"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(ck["rng"]["python"])
+        if os.path.isfile(best_path):
+            best_export = checkpoint.load(best_path)
+        log.info("resumed from %s at epoch %d", last_path, state["epoch"])
+
+    train_pairs = ds.train.to(torch.long)
+    train_keys = torch.sort(train_pairs[:, 0] * ds.num_items + train_pairs[:, 1]).values
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1000003 + state["epoch"])
+    has_valid = ds.valid.numel() > 0
+    if not has_valid:
+        log.info("no validation split: no early stopping; the last epoch's model is kept")
+    for cb in callbacks:
+        cb.on_start(model=model, ds=ds, graph=graph_dev, cfg=cfg, device=device)
+
+    from tqdm.auto import tqdm
+    for epoch in range(state["epoch"], cfg["epochs"]):
+        model.train()
+        t_ep = time.time()
+        perm = torch.randperm(train_pairs.size(0), generator=gen)
+        users_all, pos_all = train_pairs[perm, 0], train_pairs[perm, 1]
+        neg_all = sample_negatives(users_all, ds.num_items, train_keys, gen)
+        loss_sum = torch.zeros((), device=device)
+        n_batches = math.ceil(train_pairs.size(0) / cfg["batch_size"])
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=None)
+        for b in bar:
+            sl = slice(b * cfg["batch_size"], (b + 1) * cfg["batch_size"])
+            users, pos, neg = (t[sl].to(device, non_blocking=True) for t in (users_all, pos_all, neg_all))
+            loss, parts = model.loss(users, pos, neg, cfg["reg_weight"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            state["step"] += 1
+            for cb in callbacks:
+                cb.on_step(step=state["step"], loss=loss.detach(), parts=parts)
+            if b % 50 == 49 or b == n_batches - 1:  # one host sync every 50 steps
+                if not math.isfinite(float(loss_sum)):
+                    raise TrainingDiverged(
+                        f"loss became {float(loss.detach())} at epoch {epoch + 1}, batch {b + 1}; stopped. "
+                        f"The last good checkpoint is {last_path if os.path.isfile(last_path) else '(none yet)'}; "
+                        f"try a lower --lr (now {cfg['lr']}) or --reg_weight")
+                bar.set_postfix(loss=f"{float(loss_sum) / (b + 1):.4f}")
+        epoch_loss = float(loss_sum) / n_batches
+        state["epoch"] = epoch + 1
+        row = {"epoch": epoch + 1, "loss": epoch_loss, "epoch_time_s": time.time() - t_ep}
+        evaluate_now = (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]
+        stop = False
+        if evaluate_now:
+            t_ev = time.time()
+            if has_valid:
+                vm = evaluate_split(model, ds, graph, "valid", cfg, device)
+                row.update({f"valid/{k}": v for k, v in vm.items() if k in ("recall@20", "ndcg@20")})
+                score = vm.get("ndcg@20", -math.inf)
+                if score > state["best"]:
+                    state.update(best=score, best_epoch=epoch + 1, bad_evals=0)
+                    best_export = _export(model, ds, cfg, epoch + 1, vm)
+                    checkpoint.save(best_export, best_path)
+                else:
+                    state["bad_evals"] += 1
+                    stop = cfg["patience"] > 0 and state["bad_evals"] >= cfg["patience"]
+            else:
+                best_export = _export(model, ds, cfg, epoch + 1, {})
+                checkpoint.save(best_export, best_path)
+            row["eval_time_s"] = time.time() - t_ev
+        state["history"].append(row)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in row.items() if k != "epoch"))
+        for cb in callbacks:
+            cb.on_epoch_end(epoch=epoch + 1, row=row)
+        checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
+                         "config": cfg, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                                "python": random.getstate()}}, last_path)
+        if stop:
+            log.info("early stop: valid ndcg@20 has not improved for %d evaluations (best %.4f at epoch %d)",
+                     cfg["patience"], state["best"], state["best_epoch"])
+            break
+
+    # Final report with the best model (by valid ndcg@20) or the last one when there is no valid split.
+    if best_export is None:
+        best_export = _export(model, ds, cfg, state["epoch"], {})
+        checkpoint.save(best_export, best_path)
+    model.load_state_dict(best_export["model"])
+    results = {"valid": evaluate_split(model, ds, graph, "valid", cfg, device),
+               "test": evaluate_split(model, ds, graph, "test", cfg, device)}
+    extra = {"best_epoch": best_export["epoch"], "epochs_run": state["epoch"], "history": state["history"],
+             "dataset": ds.summary() if hasattr(ds, "summary") else str(ds), "model": cfg["model"],
+             "train_time_s": time.time() - t0}
+    for cb in callbacks:
+        extra.update(cb.on_end(model=model, out=out) or {})
+    checkpoint.write_json(os.path.join(out, "metrics.json"), {**results, **extra})
+    log.info("results (best epoch %d):\n%s", best_export["epoch"], metrics.format_table(results))
+    return {**results, **extra}
+
+
+def _optimizer(model, cfg):
+    # Embedding tables get only the batch-row L2 of BPR (reg_weight); dense weights may take
+    # decoupled weight decay.
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    emb = [p for p in model.parameters() if id(p) in emb_ids]
+    dense = [p for p in model.parameters() if id(p) not in emb_ids]
+    groups = [{"params": emb, "weight_decay": 0.0}]
+    if dense:
+        groups.append({"params": dense, "weight_decay": cfg["weight_decay"]})
+    return torch.optim.AdamW(groups, lr=cfg["lr"])
+
+
+def _export(model, ds, cfg, epoch, valid_metrics):
+    ex = model.export()
+    return {"kind": "glrec_fast.export", "version": 1, "epoch": epoch, "valid": valid_metrics,
+            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "user_emb": ex["user_emb"], "item_emb": ex["item_emb"],
+            "train": ds.train.clone(), "user_ids": list(ds.user_ids), "item_ids": list(ds.item_ids),
+            "config": dict(cfg)}
+
+
+# ----------------------------------------------------------------------------- recommend
+def recommend(checkpoint_path, user_ids, k: int = 20, exclude_seen: bool = True) -> list[list]:
+    """Top-``k`` items for each user: original user ids in, original item ids out."""
+    ck = checkpoint.load(checkpoint_path)
+    if not isinstance(ck, dict) or ck.get("kind") != "glrec_fast.export":
+        raise ValueError(f"checkpoint {os.fspath(checkpoint_path)!r}: not a glrec_fast best.pt export "
+                         f"(use the best.pt that `python -m glrec_fast.train --out DIR` writes)")
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    index = {uid: j for j, uid in enumerate(ck["user_ids"])}
+    index.update({str(uid): j for j, uid in enumerate(ck["user_ids"])})
+    rows = []
+    for uid in user_ids:
+        j = index.get(uid, index.get(str(uid)))
+        if j is None:
+            raise ValueError(f"user_ids: {uid!r} is not a user of the checkpoint's training data "
+                             f"({len(ck['user_ids'])} users)")
+        rows.append(j)
+    users = torch.tensor(rows, dtype=torch.long)
+    scores = ck["user_emb"][users] @ ck["item_emb"].T
+    if exclude_seen:
+        train = ck["train"]
+        for r, u in enumerate(rows):
+            scores[r, train[train[:, 0] == u, 1]] = -math.inf
+    top = torch.topk(scores, min(k, scores.size(1)), dim=1).indices
+    return [[ck["item_ids"][int(i)] for i in row] for row in top]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("Keys (configs/default.yaml):\n")
+        print(config.defaults_text())
+        return 0
+    try:
+        cfg = config.resolve(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"glrec_fast.train: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    except TrainingDiverged as e:
+        log.error("%s", e)
+        print(f"glrec_fast.train: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Metrics against values computed by hand (see the comments for each number)."""
+import math
+
+import pytest
+import torch
+
+from glrec_fast import metrics
+from glrec_fast.graph import ITEM_COLD, ITEM_HEAD, ITEM_TAIL
+
+L3 = 1 / math.log2(3)  # discount at rank 2
+SCORES = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+
+
+def _score_fn(users):
+    return SCORES.expand(users.numel(), -1).clone()
+
+
+def _run(**kw):
+    train = torch.tensor([[0, 0]])                      # user 0 has seen item 0: masked
+    test = torch.tensor([[0, 2], [0, 5],                # user 0: two test items
+                         [1, 1], [1, 2], [1, 3], [1, 4]])  # user 1: more test items than K=2
+    # user 2 has no test item: excluded from every average
+    return metrics.evaluate(_score_fn, test, num_users=3, num_items=6, exclude=[train], ks=(2, 3), **kw)
+
+
+def test_overall_values_by_hand():
+    m = _run()
+    # user 0 ranking after masking item 0: 1,2,3,4,5 -> top2 [1,2] (hit at rank 2)
+    # user 1 ranking: 0,1,2,... -> top2 [0,1] (hit at rank 2), top3 [0,1,2] (hits at 2,3)
+    assert m["n_users"] == 2
+    assert m["recall@2"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert m["precision@2"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    ndcg2 = L3 / (1 + L3)                               # both users: one hit at rank 2, IDCG over 2
+    assert m["ndcg@2"] == pytest.approx(ndcg2)
+    assert m["hit@2"] == pytest.approx(1.0)
+    assert m["mrr@2"] == pytest.approx(0.5)
+    # K=3: user 0 unchanged (IDCG over min(2,3)=2); user 1 hits at 2 and 3, IDCG over 3
+    u1 = (L3 + 0.5) / (1 + L3 + 0.5)
+    assert m["ndcg@3"] == pytest.approx((ndcg2 + u1) / 2)
+    assert m["recall@3"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert m["precision@3"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+
+
+def test_per_context_by_hand():
+    ctx = torch.tensor([ITEM_HEAD, ITEM_HEAD, ITEM_TAIL, ITEM_TAIL, ITEM_COLD, ITEM_COLD])
+    m = _run(item_context=ctx)
+    # cold: user 0 {5} not in top3, user 1 {4} not in top3
+    assert m["ndcg@3/cold"] == pytest.approx(0.0) and m["n_users/cold"] == 2
+    # head: only user 1 {1}: rank 2
+    assert m["ndcg@3/head"] == pytest.approx(L3) and m["n_users/head"] == 1
+    # tail: user 0 {2} at rank 2 -> L3; user 1 {2,3}: hit at rank 3, IDCG over 2
+    assert m["ndcg@3/tail"] == pytest.approx((L3 + 0.5 / (1 + L3)) / 2)
+    # warm: user 0 {2} -> L3; user 1 {1,2,3}: hits at 2,3; IDCG over 3
+    assert m["ndcg@3/warm"] == pytest.approx((L3 + (L3 + 0.5) / (1 + L3 + 0.5)) / 2)
+    assert m["recall@3/warm"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_batching_does_not_change_results():
+    torch.manual_seed(1)
+    U, I = 37, 23
+    emb_u, emb_i = torch.randn(U, 4), torch.randn(I, 4)
+    pairs = torch.stack([torch.randint(0, U, (300,)), torch.randint(0, I, (300,))], 1).unique(dim=0)
+    train, test = pairs[::2], pairs[1::2]
+    fn = lambda users: emb_u[users] @ emb_i.T  # noqa: E731
+    a = metrics.evaluate(fn, test, U, I, exclude=[train], batch_size=5)
+    b = metrics.evaluate(fn, test, U, I, exclude=[train], batch_size=1000)
+    for key in a:
+        assert a[key] == pytest.approx(b[key])
+
+
+def test_perfect_and_worst_scorers():
+    U, I = 4, 10
+    test = torch.tensor([[u, u + 1] for u in range(U)])
+    best = lambda users: torch.nn.functional.one_hot(users + 1, I).float()  # noqa: E731
+    m = metrics.evaluate(best, test, U, I, ks=(1,))
+    assert m["ndcg@1"] == 1.0 and m["recall@1"] == 1.0 and m["mrr@1"] == 1.0
+    worst = lambda users: -torch.nn.functional.one_hot(users + 1, I).float()  # noqa: E731
+    m = metrics.evaluate(worst, test, U, I, ks=(5,))
+    assert m["ndcg@5"] == 0.0 and m["hit@5"] == 0.0
+
+
+def test_bad_input_names_argument():
+    with pytest.raises(ValueError, match="test"):
+        metrics.evaluate(_score_fn, torch.tensor([[0, 9]]), 3, 6)
+    with pytest.raises(ValueError, match="score_fn"):
+        metrics.evaluate(lambda u: torch.zeros(len(u), 5), torch.tensor([[0, 1]]), 3, 6)
+    with pytest.raises(ValueError, match="ks"):
+        metrics.evaluate(_score_fn, torch.tensor([[0, 1]]), 3, 6, ks=(0,))
