@@ -166,7 +166,7 @@ def train(cfg: dict, callbacks=()) -> dict:
 
     train_pairs = ds.train.to(torch.long)
     train_keys = torch.sort(train_pairs[:, 0] * ds.num_items + train_pairs[:, 1]).values
-    gen = torch.Generator().manual_seed(cfg["seed"] * 1000003 + state["epoch"])
+    gen = torch.Generator()
     has_valid = ds.valid.numel() > 0
     if not has_valid:
         log.info("no validation split: no early stopping; the last epoch's model is kept")
@@ -177,6 +177,8 @@ def train(cfg: dict, callbacks=()) -> dict:
     for epoch in range(state["epoch"], cfg["epochs"]):
         model.train()
         t_ep = time.time()
+        # One generator seed per epoch, so a resumed run draws exactly what an unbroken run would.
+        gen.manual_seed(cfg["seed"] * 1000003 + epoch)
         perm = torch.randperm(train_pairs.size(0), generator=gen)
         users_all, pos_all = train_pairs[perm, 0], train_pairs[perm, 1]
         neg_all = sample_negatives(users_all, ds.num_items, train_keys, gen)
