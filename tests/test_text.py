@@ -108,19 +108,46 @@ def test_qwen_last_token_uses_prompt_and_differs_from_mean(qwen_mean, tiny_qwen)
     torch.testing.assert_close(v_last[0], h[0, -1], atol=3e-2 * h.abs().max().item(), rtol=0)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_qwen_nf4_on_cuda_matches_cpu(qwen_mean, tiny_qwen, caplog):
+    import bitsandbytes as bnb
+
+    caplog.set_level(logging.INFO, logger="glrec_fast.text")
+    # device=None on a CUDA machine: auto must choose Qwen for a local checkpoint and put it on the GPU.
+    g = gt.get_encoder("auto", model_path=tiny_qwen[0], progress=False)
+    assert isinstance(g, gt.QwenEncoder) and g.device.type == "cuda"
+    assert "auto -> qwen2.5-3b" in caplog.text
+    lin4 = [m for m in g.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(lin4) == 14
+    for m in lin4:
+        assert m.weight.device.type == "cuda" and m.weight.quant_type == "nf4"
+        assert m.weight.quant_state.nested and m.compute_dtype == torch.bfloat16
+    texts = [WITH_GENRES[0], TITLES[1], WITH_GENRES[2]]
+    v_gpu, v_cpu = g.encode(texts), qwen_mean.encode(texts)
+    assert v_gpu.device.type == "cpu" and v_gpu.dtype == torch.float32 and torch.isfinite(v_gpu).all()
+    scale = v_cpu.abs().max().item()
+    # Same NF4 codes, different bf16 kernels: agreement to bf16 rounding.
+    torch.testing.assert_close(v_gpu, v_cpu, atol=5e-2 * scale, rtol=0)
+    torch.testing.assert_close(g.encode([TITLES[1]])[0], v_gpu[1], atol=3e-2 * scale, rtol=0)
+
+
 def test_auto_picks_qwen_only_with_cuda_and_local_weights(tiny_qwen, caplog):
     caplog.set_level(logging.INFO, logger="glrec_fast.text")
     # The model loads lazily, so choosing Qwen for device="cuda" touches no GPU here.
     e = gt.get_encoder("auto", device="cuda", model_path=tiny_qwen[0], progress=False)
     assert isinstance(e, gt.QwenEncoder) and e._model is None
     assert "auto -> qwen2.5-3b" in caplog.text
-    caplog.clear()
-    e = gt.get_encoder("auto", device="cpu", model_path=tiny_qwen[0], progress=False)
-    assert e.name == "minilm" and "because device is cpu" in caplog.text
     reason = enc_mod._qwen_unavailable(tiny_qwen[0] / "nope", None, torch.device("cuda"))
     assert "does not exist" in reason
     reason = enc_mod._qwen_unavailable("glrec-test/not-a-cached-repo", None, torch.device("cuda"))
     assert "not in the local Hugging Face cache" in reason
+    caplog.clear()
+    try:
+        e = gt.get_encoder("auto", device="cpu", model_path=tiny_qwen[0], progress=False)
+    except ModuleNotFoundError as err:  # MiniLM package absent (e.g. a GPU image without it)
+        pytest.skip(str(err))
+    assert e.name == "minilm" and "because device is cpu" in caplog.text
 
 
 # ------------------------------------------------------------------------------------- MiniLM
