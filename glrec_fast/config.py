@@ -60,8 +60,21 @@ def parse_overrides(argv: list[str]) -> dict:
         else:
             raw = "true"  # a bare flag: --sampled, --resume
             i += 1
-        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        out[key] = _scalar(raw)
     return out
+
+
+def _scalar(raw: str):
+    """YAML typing for a command-line value, plus the float spellings YAML 1.1 misses (``1e30``)."""
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def resolve(argv: list[str] | None = None, overrides: dict | None = None) -> dict:

@@ -156,6 +156,8 @@ def train(cfg: dict, callbacks=()) -> dict:
         ck = checkpoint.load(last_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        for group in opt.param_groups:  # the resumed run's --lr applies (e.g. lowering it after a divergence)
+            group["lr"] = cfg["lr"]
         state = ck["state"]
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])

@@ -1,0 +1,111 @@
+"""The training CLI end to end on real ml-100k: outputs, resume, divergence, recommend, config errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from glrec_fast import checkpoint, train
+from conftest import need_dataset
+
+BASE = ["--dataset", "ml-100k", "--split", "random", "--grokking", "false", "--eval_every", "1",
+        "--batch_size", "4096"]
+
+
+@pytest.fixture(scope="module")
+def lightgcn_run(tmp_path_factory):
+    need_dataset("ml-100k")
+    out = tmp_path_factory.mktemp("lgcn")
+    rc = train.main(BASE + ["--model", "lightgcn", "--epochs", "3", "--lr", "0.005", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_outputs_and_metric_keys(lightgcn_run):
+    out = lightgcn_run
+    for f in ("metrics.json", "config.yaml", "best.pt", "last.pt", "train.log"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        for key in ("recall@20", "ndcg@20", "ndcg@20/warm", "ndcg@20/head", "ndcg@20/tail", "precision@10",
+                    "hit@50", "mrr@20"):
+            assert 0.0 <= m[split][key] <= 1.0, (split, key)
+        assert "ndcg@20/cold" in m[split]
+    # Random ranking scores about 0.01 ndcg@20 on ml-100k; three epochs of LightGCN are far above it.
+    assert m["test"]["ndcg@20"] > 0.05
+    assert len(m["history"]) == 3 and m["best_epoch"] >= 1
+
+
+def test_recommend_returns_original_ids(lightgcn_run):
+    from glrec_fast.data import load_dataset
+    ds = load_dataset("ml-100k", split="random", seed=0)
+    user = ds.user_ids[5]
+    recs = train.recommend(lightgcn_run / "best.pt", [user], k=10)
+    assert len(recs) == 1 and len(recs[0]) == 10 and len(set(recs[0])) == 10
+    seen = {ds.item_ids[i] for u, i in ds.train.tolist() if u == 5}
+    assert not seen & set(recs[0]), "recommend must not return items the user trained on"
+    assert set(recs[0]) <= set(ds.item_ids)
+    with pytest.raises(ValueError, match="user_ids"):
+        train.recommend(lightgcn_run / "best.pt", ["no-such-user"], k=5)
+    with pytest.raises(ValueError, match="k"):
+        train.recommend(lightgcn_run / "best.pt", [user], k=0)
+
+
+def test_resume_reproduces_an_unbroken_run(tmp_path):
+    need_dataset("ml-100k")
+    args = BASE + ["--model", "mf", "--lr", "0.01", "--patience", "0"]
+    assert train.main(args + ["--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert train.main(args + ["--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert train.main(args + ["--epochs", "2", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert b["epochs_run"] == 2
+    assert b["test"]["ndcg@20"] == pytest.approx(a["test"]["ndcg@20"], abs=1e-6)
+    assert b["history"][1]["loss"] == pytest.approx(a["history"][1]["loss"], rel=1e-5)
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    need_dataset("ml-100k")
+    args = BASE + ["--model", "mf", "--out", str(tmp_path)]
+    assert train.main(args + ["--epochs", "1"]) == 0
+    before = checkpoint.load(tmp_path / "last.pt")
+    # An absurd learning rate makes the scores overflow to inf within the next epoch.
+    rc = train.main(args + ["--epochs", "3", "--resume", "--lr", "1e30"])
+    assert rc == 3
+    assert "loss became" in capsys.readouterr().err
+    after = checkpoint.load(tmp_path / "last.pt")
+    assert after["state"]["epoch"] == 1
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k]) and torch.isfinite(after["model"][k]).all()
+
+
+def test_config_errors_are_reported(tmp_path, capsys):
+    assert train.main(["--epochz", "3"]) == 2
+    assert "unknown key 'epochz'" in capsys.readouterr().err
+    assert train.main(["--epochs", "three"]) == 2
+    assert "expects int" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [\n")
+    assert train.main(["--config", str(bad)]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_config_precedence(tmp_path):
+    from glrec_fast import config
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\nlr: 0.5\n")
+    cfg = config.resolve(["--config", str(f), "--lr", "0.25"])
+    assert cfg["epochs"] == 7 and cfg["lr"] == 0.25 and cfg["batch_size"] == 2048
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path):
+    p = tmp_path / "ck.pt"
+    checkpoint.save({"a": torch.ones(3)}, p)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        checkpoint.save({"a": Boom()}, p)
+    assert torch.equal(checkpoint.load(p)["a"], torch.ones(3))  # old file intact
+    assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]     # no temp file left
