@@ -10,6 +10,8 @@ once with the reason. Autograd lives here, so it is the same for every kernel.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _backend, reference
@@ -21,6 +23,8 @@ SCHEMAS = {
     "gated_fusion_backward": ("gated_fusion_backward(Tensor grad_out, Tensor e_graph, Tensor e_text, "
                               "Tensor context, Tensor gate_weight, Tensor gate_bias) "
                               "-> (Tensor, Tensor, Tensor, Tensor)"),
+    "neighbor_sample": ("neighbor_sample(Tensor rowptr, Tensor col, Tensor seeds, int[] fanouts, bool replace=False, "
+                        "int seed=0) -> (Tensor[] nodes, Tensor[] rows, Tensor[] cols, Tensor[] edge_ids)"),
 }
 
 _lib = torch.library.Library("glrec", "DEF")
@@ -55,10 +59,15 @@ def _ref_gated_fusion_backward_kernel(grad_out, e_graph, e_text, context, gate_w
     return (d_eg.to(e_graph.dtype), d_et.to(e_text.dtype), d_w.to(gate_weight.dtype), d_b.to(gate_bias.dtype))
 
 
+def _ref_neighbor_sample_kernel(rowptr, col, seeds, fanouts, replace=False, seed=0):
+    return reference.neighbor_sample(rowptr, col, seeds, fanouts, replace, seed)
+
+
 _REFERENCE_KERNELS = {
     "propagate": _ref_propagate_kernel,
     "gated_fusion": _ref_gated_fusion_kernel,
     "gated_fusion_backward": _ref_gated_fusion_backward_kernel,
+    "neighbor_sample": _ref_neighbor_sample_kernel,  # not differentiable: no autograd registered
 }
 
 # CUDA: Triton kernels where Triton imports.
@@ -97,6 +106,17 @@ def _fake_propagate(rowptr, col, dinv, x, num_layers):
 @torch.library.register_fake("glrec::gated_fusion")
 def _fake_gated_fusion(e_graph, e_text, context, gate_weight, gate_bias):
     return torch.empty_like(e_graph)
+
+
+@torch.library.register_fake("glrec::neighbor_sample")
+def _fake_neighbor_sample(rowptr, col, seeds, fanouts, replace=False, seed=0):
+    ctx = torch.library.get_ctx()  # every output size depends on the data
+
+    def vec():
+        return seeds.new_empty((ctx.new_dynamic_size(),))
+    hops = len(fanouts)
+    return ([vec() for _ in range(hops + 1)], [vec() for _ in range(hops)], [vec() for _ in range(hops)],
+            [vec() for _ in range(hops)])
 
 
 @torch.library.register_fake("glrec::gated_fusion_backward")
@@ -203,6 +223,75 @@ def gated_fusion(e_graph, e_text, context, gate_weight, gate_bias) -> torch.Tens
         return reference.gated_fusion(e_graph, e_text, context, gate_weight, gate_bias)
     return torch.ops.glrec.gated_fusion(e_graph.contiguous(), e_text.contiguous(), context.contiguous(),
                                         gate_weight.contiguous(), gate_bias.contiguous())
+
+
+class SampledSubgraph(NamedTuple):
+    """What ``neighbor_sample`` returns (see its docstring for the exact layout)."""
+    nodes: list[torch.Tensor]
+    rows: list[torch.Tensor]
+    cols: list[torch.Tensor]
+    edge_ids: list[torch.Tensor]
+
+
+def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor, fanouts,
+                    replace: bool = False, seed: int = 0) -> SampledSubgraph:
+    """Multi-hop uniform neighbour sampling over a CSR graph (not differentiable).
+
+    ``rowptr: [N + 1]``, ``col: [nnz]``, ``seeds: [S]``: int64 on one device; ``fanouts``: one int
+    per hop, ``-1`` = every neighbour, ``k >= 0`` = at most ``k`` distinct neighbours (with
+    ``replace=True``: exactly ``k`` uniform draws, repeats allowed, none for an isolated node).
+    ``seed`` fixes the sample: the compiled kernels give node ``v`` at hop ``l`` its own random
+    stream keyed by ``(seed, l, v)``, so the result is the same for any thread count (and the
+    same on CPU and CUDA); vary ``seed`` per batch.
+
+    Returns ``SampledSubgraph(nodes, rows, cols, edge_ids)``, with ``L = len(fanouts)``:
+
+    - ``nodes[0]``: the seeds, duplicates removed (first occurrence kept, order kept);
+      ``nodes[l + 1]``: ``nodes[l]`` followed by the nodes first reached at hop ``l`` (in order of
+      first appearance in that hop's edge list). Every ``nodes[l]`` is a prefix of ``nodes[L]``,
+      so a node's *local id* (its position in ``nodes[L]``) never changes between hops.
+    - hop ``l`` samples the neighbours of its frontier: the nodes added at hop ``l - 1`` (local ids
+      ``[len(nodes[l-1]), len(nodes[l]))``, the seeds for ``l = 0``). Nodes already sampled at an
+      earlier hop are not sampled again; their sampled neighbourhood is reused.
+    - ``rows[l][j]``: local id of the frontier node of sampled edge ``j`` (the aggregating /
+      destination node); ``cols[l][j]``: local id (``< len(nodes[l + 1])``) of the neighbour it
+      aggregates from; ``edge_ids[l][j]``: the position of that edge in ``col``, so
+      ``col[edge_ids[l]] == nodes[l + 1][cols[l]]``. Edges are grouped by row in frontier order.
+
+    For an ``L``-layer GNN, layer ``t = 1..L`` computes the nodes ``nodes[L - t]`` from ``h^{t-1}``
+    of ``nodes[L - t + 1]`` using the edges of hops ``0..L - t`` concatenated (sorted by row). See
+    ``glrec_fast.sampling`` for helpers and ``models/graphsage.py`` for a user.
+
+    Malformed input raises ``ValueError``/``TypeError`` naming the argument; ``rowptr``/``col``
+    entries are validated where the sampler reads them (a full O(nnz) check per call would cost
+    more than the sample).
+    """
+    for name, t in (("rowptr", rowptr), ("col", col), ("seeds", seeds)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-d tensor, got shape {tuple(t.shape)}")
+        if t.dtype != torch.long:
+            raise ValueError(f"{name}: expected int64 (torch.long), got {t.dtype}; convert with .long()")
+        if t.device != rowptr.device:
+            raise ValueError(f"{name}: on {t.device} but rowptr is on {rowptr.device}; move one with .to()")
+    if rowptr.numel() < 1:
+        raise ValueError("rowptr: expected num_nodes + 1 >= 1 entries, got an empty tensor")
+    if isinstance(fanouts, (int, torch.Tensor)) or not hasattr(fanouts, "__iter__"):
+        raise TypeError(f"fanouts: expected a list of ints (one per hop), got {type(fanouts).__name__}")
+    fanouts = list(fanouts)
+    for i, k in enumerate(fanouts):
+        if isinstance(k, bool) or not isinstance(k, int) or k < -1:
+            raise ValueError(f"fanouts[{i}]: expected -1 (every neighbour) or an int >= 0, got {k!r}")
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace: expected a bool, got {type(replace).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed: expected an int in the int64 range, got {seed!r}")
+    if _backend.backend() == "reference":
+        return SampledSubgraph(*reference.neighbor_sample(rowptr, col, seeds, fanouts, replace, seed))
+    out = torch.ops.glrec.neighbor_sample(rowptr.contiguous(), col.contiguous(), seeds.contiguous(), fanouts,
+                                          replace, seed)
+    return SampledSubgraph(*out)
 
 
 def kernel_report() -> dict:

@@ -56,3 +56,86 @@ def gate_values(e_graph, e_text, context, gate_weight, gate_bias) -> torch.Tenso
     """The gate ``g`` itself (for reports and plots)."""
     w = gate_weight[context].float()
     return torch.sigmoid(w[:, 0] * e_graph.float() + w[:, 1] * e_text.float() + gate_bias[context].float())
+
+
+# --------------------------------------------------------------------------- neighbour sampling
+def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor, fanouts,
+                    replace: bool = False, seed: int = 0):
+    """Multi-hop uniform neighbour sampling; same output layout as ``ops.neighbor_sample``.
+
+    Written the plain-torch way (vectorised per hop, a dense ``num_nodes`` id map, ``torch.unique``
+    to relabel). Without replacement a node keeps the ``fanout`` neighbours with the smallest
+    random keys; with replacement it draws ``fanout`` uniform positions. Random numbers come from
+    a ``torch.Generator`` seeded with ``seed``, so the sample differs from the compiled kernels'
+    (which use per-node counter-based streams) but has the same distribution and invariants.
+    Like the kernels, it validates only the CSR rows and ``col`` entries it touches.
+    """
+    dev = rowptr.device
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    num_nodes, num_col = rowptr.numel() - 1, col.numel()
+    if seeds.numel() and (int(seeds.min()) < 0 or int(seeds.max()) >= num_nodes):
+        bad = int(torch.nonzero((seeds < 0) | (seeds >= num_nodes))[0, 0])
+        raise ValueError(f"neighbor_sample: seeds[{bad}] = {int(seeds[bad])} is out of range: node ids must lie "
+                         f"in [0, num_nodes = rowptr.numel() - 1 = {num_nodes})")
+    local = torch.full((num_nodes,), -1, dtype=torch.long, device=dev)  # global -> local id
+
+    def add_new(ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Give the ids not yet in ``local`` new local ids from ``start`` in order of first appearance."""
+        ids = ids[local[ids] < 0]
+        if ids.numel() == 0:
+            return ids
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        pos = torch.arange(ids.numel(), device=dev)
+        first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.long, device=dev)
+        first = first.scatter_reduce(0, inv, pos, reduce="amin")
+        new = uniq[torch.argsort(first)]
+        local[new] = torch.arange(start, start + new.numel(), device=dev)
+        return new
+
+    nodes = add_new(seeds, 0)
+    nodes_out, rows_out, cols_out, eids_out = [nodes.clone()], [], [], []
+    begin, end = 0, nodes.numel()
+    for fanout in fanouts:
+        frontier = nodes[begin:end]
+        r0, r1 = rowptr[frontier], rowptr[frontier + 1]
+        bad = (r0 < 0) | (r1 < r0) | (r1 > num_col)
+        if bool(bad.any()):
+            v = int(frontier[int(torch.nonzero(bad)[0, 0])])
+            raise ValueError(f"neighbor_sample: rowptr is not a valid CSR row pointer at node {v}: rowptr[{v}] = "
+                             f"{int(rowptr[v])}, rowptr[{v + 1}] = {int(rowptr[v + 1])} (expected 0 <= rowptr[v] "
+                             f"<= rowptr[v + 1] <= col.numel() = {num_col})")
+        deg = r1 - r0
+        row_local = torch.arange(begin, end, device=dev)
+        if replace and fanout >= 0:
+            keep = deg > 0
+            draws = torch.rand((int(keep.sum()), fanout), generator=gen, device=dev, dtype=torch.float64)
+            offs = (draws * deg[keep, None]).long().clamp_max(deg[keep, None] - 1)
+            eids = (r0[keep, None] + offs).flatten()
+            rows = row_local[keep].repeat_interleave(fanout)
+        else:
+            # Every neighbour of the frontier, then (fanout >= 0) the `fanout` smallest random keys per row.
+            rows = row_local.repeat_interleave(deg)
+            seg_start = torch.cumsum(deg, 0) - deg
+            within = torch.arange(rows.numel(), device=dev) - seg_start.repeat_interleave(deg)
+            eids = r0.repeat_interleave(deg) + within
+            if fanout >= 0:
+                keys = torch.rand(rows.numel(), generator=gen, device=dev, dtype=torch.float64) + (rows - begin)
+                order = torch.argsort(keys)  # rows stay grouped (key's integer part), shuffled within
+                eids = eids[order]
+                keep = within < fanout  # rank of each shuffled entry within its row
+                eids, rows = eids[keep], rows[keep]
+        cols_global = col[eids]
+        bad = (cols_global < 0) | (cols_global >= num_nodes)
+        if bool(bad.any()):
+            e = int(eids[int(torch.nonzero(bad)[0, 0])])
+            raise ValueError(f"neighbor_sample: col[{e}] = {int(col[e])} is out of range: node ids must lie in "
+                             f"[0, num_nodes = rowptr.numel() - 1 = {num_nodes})")
+        new = add_new(cols_global, end)
+        nodes = torch.cat([nodes, new])
+        nodes_out.append(nodes)
+        rows_out.append(rows)
+        cols_out.append(local[cols_global])
+        eids_out.append(eids)
+        begin, end = end, nodes.numel()
+    return nodes_out, rows_out, cols_out, eids_out
