@@ -10,10 +10,13 @@ top-k stay on the scoring device, in user batches. Metrics follow the LightGCN p
 * ``hit@K``       = 1 if any hit in top K
 * ``mrr@K``       = 1 / rank of the first hit within the top K (0 if none)
 
-Averages are over users with at least one test item. The per-context keys
-(``ndcg@20/cold``, ``/warm``, ``/head``, ``/tail``) use the same full ranking, with relevance
-restricted to the user's test items of that context, averaged over users who have at least one
-such item. An item's context comes from the training graph (``BipartiteGraph.item_context``).
+Averages are over users with at least one test item. The per-context keys (``ndcg@20/cold``,
+``/warm``, ``/head``, ``/tail``) rank the items *of that context only* (every other item is masked
+out) against the user's test items of that context, averaged over users who have at least one
+such item. This is the usual item cold-start protocol: it asks how well a model orders cold items
+among themselves, which is what a cold gate changes; whether cold items can also compete with
+warm ones shows in the overall numbers. An item's context comes from the training graph
+(``BipartiteGraph.item_context``).
 """
 from __future__ import annotations
 
@@ -109,16 +112,21 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
         scores = scores.float().clone()
         for rp, it in excl:
             scores.masked_fill_(_batch_mask(rp, it, users, num_items, dev), -math.inf)
-        top = torch.topk(scores, kmax, dim=1).indices                         # [b, kmax]
         truth = _batch_mask(test_rp, test_items, users, num_items, dev)        # [b, I]
         if discount is None:
             discount = 1.0 / torch.log2(torch.arange(kmax, device=dev, dtype=torch.float32) + 2.0)
         for cname, sel in contexts.items():
-            rel_mask = truth if sel is None else truth & sel.to(dev)[None, :]
+            if sel is None:
+                rel_mask, ranked = truth, scores
+            else:
+                sel_d = sel.to(dev)[None, :]
+                rel_mask = truth & sel_d
+                ranked = scores.masked_fill(~sel_d, -math.inf)
             n_rel = rel_mask.sum(1)                                            # [b]
             has = n_rel > 0
             if not bool(has.any()):
                 continue
+            top = torch.topk(ranked, kmax, dim=1).indices                       # [b, kmax]
             hits = rel_mask.gather(1, top).float()                             # [b, kmax]
             counts[cname] += int(has.sum())
             for k in ks:

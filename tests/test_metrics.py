@@ -44,15 +44,18 @@ def test_overall_values_by_hand():
 def test_per_context_by_hand():
     ctx = torch.tensor([ITEM_HEAD, ITEM_HEAD, ITEM_TAIL, ITEM_TAIL, ITEM_COLD, ITEM_COLD])
     m = _run(item_context=ctx)
-    # cold: user 0 {5} not in top3, user 1 {4} not in top3
-    assert m["ndcg@3/cold"] == pytest.approx(0.0) and m["n_users/cold"] == 2
-    # head: only user 1 {1}: rank 2
+    # Each context ranks only its own items.
+    # cold candidates {4,5}: user 0 wants {5} -> rank 2; user 1 wants {4} -> rank 1
+    assert m["ndcg@3/cold"] == pytest.approx((L3 + 1) / 2) and m["n_users/cold"] == 2
+    # head candidates {0,1}: only user 1 has a head test item {1} -> rank 2
     assert m["ndcg@3/head"] == pytest.approx(L3) and m["n_users/head"] == 1
-    # tail: user 0 {2} at rank 2 -> L3; user 1 {2,3}: hit at rank 3, IDCG over 2
-    assert m["ndcg@3/tail"] == pytest.approx((L3 + 0.5 / (1 + L3)) / 2)
-    # warm: user 0 {2} -> L3; user 1 {1,2,3}: hits at 2,3; IDCG over 3
+    # tail candidates {2,3}: user 0 wants {2} -> rank 1; user 1 wants {2,3} -> ranks 1,2
+    assert m["ndcg@3/tail"] == pytest.approx(1.0)
+    # warm candidates: user 0 {1,2,3} (0 masked) wants {2} -> rank 2;
+    # user 1 {0,1,2,3} wants {1,2,3} -> ranks 2,3 within the top 3, IDCG over 3
     assert m["ndcg@3/warm"] == pytest.approx((L3 + (L3 + 0.5) / (1 + L3 + 0.5)) / 2)
     assert m["recall@3/warm"] == pytest.approx((1 + 2 / 3) / 2)
+    assert m["mrr@3/cold"] == pytest.approx((0.5 + 1) / 2)
 
 
 def test_batching_does_not_change_results():
