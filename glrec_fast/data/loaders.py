@@ -86,7 +86,8 @@ def _decode(data: bytes, path) -> str:
         raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def _id_problem(tok: str) -> str:
+def _id_problem(tok) -> str:
+    tok = str(tok)                                   # np.str_ would print as np.str_('x')
     if re.fullmatch(r"-\d+", tok):
         return f"negative id {tok!r}"
     if tok == "":
@@ -185,7 +186,7 @@ def _int_ids(col: np.ndarray, line_no: np.ndarray, path, what: str, expect: str)
     long = np.flatnonzero(np.char.str_len(col) > _MAX_ID_DIGITS)
     if long.size:
         k = long[0]
-        raise DataError(f"{path}:{line_no[k]}: {what} id {col[k]!r} has more than {_MAX_ID_DIGITS} digits")
+        raise DataError(f"{path}:{line_no[k]}: {what} id {str(col[k])!r} has more than {_MAX_ID_DIGITS} digits")
     return col.astype(np.int64)
 
 
@@ -336,7 +337,8 @@ def read_frame(frame, name: str = "frame") -> Part:
         if v.dtype.kind == "f":
             bad = np.flatnonzero(~np.isfinite(v) | (v != np.floor(v)))
             if bad.size:
-                raise DataError(f"{name}['{key}'] row {bad[0]}: non-integer id {v[bad[0]]!r}: expected non-negative integer ids")
+                raise DataError(f"{name}['{key}'] row {bad[0]}: non-integer id {v[bad[0]].item()!r}: expected "
+                                f"non-negative integer ids")
             v = v.astype(np.int64)
         elif v.dtype.kind not in "iu":
             try:
@@ -366,7 +368,8 @@ _GENRE = ("class", "genre", "genres", "categories", "category", "type")
 
 def item_text_from_fields(fields: dict[str, list]) -> list[str]:
     """One description per item: ``"Star Wars (1977). Genres: Action, Adventure, ..."``; other
-    fields follow as ``"Field: value."``; missing values (None, "", "unknown") are left out."""
+    fields follow as ``"Field: value."``; missing values (None, "", "unknown") are left out, and an
+    item with no row at all gets ``""``."""
     names = list(fields)
     n = len(next(iter(fields.values()))) if fields else 0
     title = next((f for f in _TITLE if f in fields), None)
@@ -375,6 +378,10 @@ def item_text_from_fields(fields: dict[str, list]) -> list[str]:
     rest = [f for f in names if f not in (title, year, genre)]
     out = []
     for k in range(n):
+        if all(fields[f][k] is None for f in names):     # no row for this item: no text, not "Unknown"
+            out.append("")
+            continue
+
         def val(f):
             v = fields[f][k]
             return None if v is None or str(v).strip().lower() in _MISSING else str(v).strip()
