@@ -1,7 +1,6 @@
 """Data layer: real datasets, split invariants, id round trips, bad input, synthetic generator."""
 import hashlib
 import logging
-import os
 import re
 
 import numpy as np
@@ -179,10 +178,10 @@ def test_lightgcn_fast_parser_matches_a_plain_parse(tmp_path):
     folder.mkdir()
     write(folder / "train.txt", text)
     part = loaders.read_lightgcn(folder / "train.txt")
-    want = [(int(l.split()[0]), int(x), k) for k, l in enumerate(text.split("\n"), 1) if l.split()
-            for x in l.split()[1:]]
+    ref = loaders.read_lightgcn_reference(folder / "train.txt")
     got = list(zip(part.users.tolist(), part.items.tolist(), part.lines.tolist()))
-    assert got == want
+    assert got == list(zip(ref.users.tolist(), ref.items.tolist(), ref.lines.tolist()))
+    assert got[:3] == [(3, 10, 1), (3, 11, 1), (3, 12, 1)] and got[-1] == (9, 10, 6) and len(got) == 7
 
 
 def test_id_round_trip_csv(tmp_path):
@@ -432,9 +431,11 @@ def test_synthetic_sampler_is_exact():
     u, i = synthetic._draw(rng, np.arange(4), np.full(4, n), m.user_f, m.group_f, m.log_group_pop, m.scale,
                            m.item_key, m.items_by_group)
     p = m.probabilities(np.arange(4))
+    ru, ri = synthetic.draw_reference(m, np.arange(4), np.full(4, n), rng)
     for r in range(4):
-        emp = np.bincount(i[u == r], minlength=97) / n
-        assert np.all(np.abs(emp - p[r]) < 5 * np.sqrt(p[r] * (1 - p[r]) / n) + 1e-4)
+        tol = 5 * np.sqrt(p[r] * (1 - p[r]) / n) + 1e-4
+        assert np.all(np.abs(np.bincount(i[u == r], minlength=97) / n - p[r]) < tol)
+        assert np.all(np.abs(np.bincount(ri[ru == r], minlength=97) / n - p[r]) < tol)
 
 
 def test_synthetic_seed_determinism_and_validation():

@@ -134,6 +134,23 @@ def read_lightgcn(path) -> Part:
     return Part(values[owner][keep], values[keep], line[keep] + 1, path)
 
 
+def read_lightgcn_reference(path) -> Part:
+    """Plain per-line Python parse of the same format: the ground truth the vectorised reader is
+    tested against and the baseline of bench/bench_data.py. No validation beyond int()."""
+    users, items, lines = [], [], []
+    with open(path, "rb") as f:
+        for k, line in enumerate(f, 1):
+            tok = line.split()
+            if len(tok) > 1:
+                u = int(tok[0])
+                for t in tok[1:]:
+                    users.append(u)
+                    items.append(int(t))
+                    lines.append(k)
+    return Part(np.array(users, dtype=np.int64), np.array(items, dtype=np.int64),
+                np.array(lines, dtype=np.int64), os.fspath(path))
+
+
 # ---------------------------------------------------------------------------------------- tables
 def _read_table(path, sep: str | None, header: bool = False):
     """Split a delimited text file into a [rows, cols] str array with 1-based line numbers.

@@ -81,6 +81,17 @@ def _draw(rng, users, counts, user_f, group_f, log_group_pop, scale, item_key, i
     return np.concatenate(out_u), np.concatenate(out_i)
 
 
+def draw_reference(model: "LatentModel", users, counts, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ground truth for ``_draw``: per user, the full p(item | user) and ``rng.choice``.
+    O(users x items); the baseline of bench/bench_data.py."""
+    out_u, out_i = [], []
+    for u, c in zip(np.asarray(users).tolist(), np.asarray(counts).tolist()):
+        p = model.probabilities([u])[0]
+        out_i.append(rng.choice(len(p), size=c, p=p))
+        out_u.append(np.full(c, u, dtype=np.int64))
+    return np.concatenate(out_u), np.concatenate(out_i).astype(np.int64)
+
+
 def _multinomial(rng, n: int, p: np.ndarray) -> np.ndarray:
     return rng.multinomial(n, p / p.sum()) if n > 0 else np.zeros(len(p), dtype=np.int64)
 
