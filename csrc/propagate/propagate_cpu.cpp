@@ -1,0 +1,190 @@
+// glrec::propagate on CPU: fused LightGCN propagation, mean of layers 0..K in one pass per layer.
+//
+//   x_{k+1} = D^-1/2 A D^-1/2 x_k,     out = (x_0 + x_1 + ... + x_K) / (K + 1)
+//
+// The normalisation is applied from the per-node dinv = deg^-1/2 on the fly; no per-edge value
+// array exists. We carry the *scaled* table z_k = dinv ⊙ x_k between layers, because then
+//
+//   s_i       = sum_{j in N(i)} z_k[j]          (a pure gather-add: no per-edge multiply or dinv load)
+//   x_{k+1}[i] = dinv[i] * s_i,   z_{k+1}[i] = dinv[i]^2 * s_i
+//
+// so one pass over the rows does the sparse product, writes the next scaled table and adds the new
+// layer into the running sum (the output buffer) while s_i is still in registers. Layer 1 gathers x
+// itself with a dinv[j] factor (z_0 is never materialised), and the last layer writes the mean
+// directly, so the K+1 layer tables of the stack+mean formulation are never stored.
+//
+// Scheduling: rows are cut into blocks of equal *work* (edges + 1 per row, found by binary search on
+// rowptr), not equal row counts, so a power-law graph (Gowalla: max degree 1,415, median 13) splits
+// evenly over the threads of at::parallel_for. Within a block, rows are processed in order, so
+// writes are sequential and each gathered neighbour row (d contiguous floats) is prefetched a few
+// edges ahead. float32 math throughout; bfloat16/half inputs are widened once and the result is
+// narrowed back (the same contract as reference.propagate_csr).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace glrec {
+namespace {
+
+// The row kernel is compiled for AVX-512 / AVX2 / baseline with runtime dispatch (GCC
+// target_clones), since setup.py builds for the baseline ISA (16-byte vectors).
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define GLREC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GLREC_CLONES
+#endif
+
+constexpr int64_t kPrefetchDistance = 4;  // edges ahead; 0 vs 4: see bench/RESULTS.md "Kernels"
+
+void check_graph(const char* op, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& dinv,
+                 int64_t num_nodes) {
+  TORCH_CHECK(rowptr.device().is_cpu(), op, ": rowptr must be a CPU tensor, got ", rowptr.device());
+  TORCH_CHECK(col.device().is_cpu(), op, ": col must be a CPU tensor, got ", col.device());
+  TORCH_CHECK(dinv.device().is_cpu(), op, ": dinv must be a CPU tensor, got ", dinv.device());
+  TORCH_CHECK(rowptr.scalar_type() == at::kLong, op, ": rowptr must be int64, got ", rowptr.scalar_type());
+  TORCH_CHECK(col.scalar_type() == at::kLong, op, ": col must be int64, got ", col.scalar_type());
+  TORCH_CHECK(dinv.scalar_type() == at::kFloat, op, ": dinv must be float32, got ", dinv.scalar_type());
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.is_contiguous(), op, ": rowptr must be a contiguous 1-d tensor, got shape ",
+              rowptr.sizes());
+  TORCH_CHECK(col.dim() == 1 && col.is_contiguous(), op, ": col must be a contiguous 1-d tensor, got shape ",
+              col.sizes());
+  TORCH_CHECK(dinv.dim() == 1 && dinv.is_contiguous(), op, ": dinv must be a contiguous 1-d tensor, got shape ",
+              dinv.sizes());
+  TORCH_CHECK(rowptr.numel() == num_nodes + 1, op, ": rowptr must have x.size(0) + 1 = ", num_nodes + 1,
+              " entries, got ", rowptr.numel());
+  TORCH_CHECK(dinv.numel() == num_nodes, op, ": dinv must have x.size(0) = ", num_nodes, " entries, got ",
+              dinv.numel());
+  // O(N + E) integer checks, a small fraction of the O(K * E * d) float work: a corrupt CSR must
+  // raise, not read out of bounds.
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const int64_t nnz = col.numel();
+  TORCH_CHECK(rp[0] == 0, op, ": rowptr[0] must be 0, got ", rp[0]);
+  TORCH_CHECK(rp[num_nodes] == nnz, op, ": rowptr[-1] must equal col.numel() = ", nnz, ", got ", rp[num_nodes]);
+  bool monotone = true;
+  for (int64_t i = 0; i < num_nodes; ++i) monotone &= rp[i] <= rp[i + 1];
+  TORCH_CHECK(monotone, op, ": rowptr must be non-decreasing");
+  const int64_t* cp = col.data_ptr<int64_t>();
+  const int64_t bad = at::parallel_reduce(
+      0, nnz, 1 << 16, int64_t(0),
+      [&](int64_t b, int64_t e, int64_t acc) {
+        for (int64_t k = b; k < e; ++k) acc += (cp[k] < 0) | (cp[k] >= num_nodes);
+        return acc;
+      },
+      std::plus<int64_t>());
+  TORCH_CHECK(bad == 0, op, ": col must hold node ids in [0, x.size(0) = ", num_nodes, "), found ", bad,
+              " out of range");
+}
+
+// Block boundaries with about equal work each: row r costs (degree + 1).
+std::vector<int64_t> balanced_row_blocks(const int64_t* rp, int64_t n, int64_t num_blocks) {
+  std::vector<int64_t> bounds{0};
+  const int64_t total = rp[n] + n;
+  for (int64_t b = 1; b < num_blocks; ++b) {
+    const int64_t target = total * b / num_blocks;
+    // first row r with rp[r] + r >= target
+    int64_t lo = bounds.back(), hi = n;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (rp[mid] + mid < target) lo = mid + 1; else hi = mid;
+    }
+    if (lo > bounds.back()) bounds.push_back(lo);
+  }
+  if (bounds.back() != n) bounds.push_back(n);
+  return bounds;
+}
+
+// One layer over rows [r0, r1). src: the gathered table (x for the first layer, z_{k-1} after);
+// scale_src: multiply gathered rows by dinv[j] (first layer only). z_next may be null (last layer).
+// out: running sum (first layer: initialised from x0); `final_scale` != 0 turns it into the mean.
+GLREC_CLONES
+void layer_rows(int64_t r0, int64_t r1, int64_t d, const int64_t* rp, const int64_t* cp, const float* dinv,
+                       const float* src, bool scale_src, const float* x0, float* z_next, float* out,
+                       float final_scale, float* acc) {
+  for (int64_t i = r0; i < r1; ++i) {
+    std::fill(acc, acc + d, 0.f);
+    const int64_t e0 = rp[i], e1 = rp[i + 1];
+    for (int64_t e = e0; e < e1; ++e) {
+      if (kPrefetchDistance > 0 && e + kPrefetchDistance < e1) {
+        const char* p = reinterpret_cast<const char*>(src + cp[e + kPrefetchDistance] * d);
+        for (int64_t off = 0; off < d * 4; off += 64) __builtin_prefetch(p + off);
+      }
+      const float* row = src + cp[e] * d;
+      if (scale_src) {
+        const float w = dinv[cp[e]];
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) acc[c] += w * row[c];
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) acc[c] += row[c];
+      }
+    }
+    const float di = dinv[i];
+    float* o = out + i * d;
+    if (z_next != nullptr) {
+      float* zn = z_next + i * d;
+      const float di2 = di * di;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) zn[c] = di2 * acc[c];
+    }
+    const float* base = x0 != nullptr ? x0 + i * d : o;
+    if (final_scale != 0.f) {
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] = (base[c] + di * acc[c]) * final_scale;
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] = base[c] + di * acc[c];
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor propagate_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& dinv, const at::Tensor& x,
+                         int64_t num_layers) {
+  constexpr const char* op = "glrec::propagate";
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-d [num_nodes, d], got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCH_CHECK(num_layers >= 0, op, ": num_layers must be >= 0, got ", num_layers);
+  const int64_t n = x.size(0), d = x.size(1);
+  check_graph(op, rowptr, col, dinv, n);
+  if (num_layers == 0 || n == 0 || d == 0) return x.clone();
+
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({n, d}, xf.options());
+  at::Tensor z_a = num_layers >= 2 ? at::empty({n, d}, xf.options()) : at::Tensor();
+  at::Tensor z_b = num_layers >= 3 ? at::empty({n, d}, xf.options()) : at::Tensor();
+
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const int64_t* cp = col.data_ptr<int64_t>();
+  const float* dv = dinv.data_ptr<float>();
+  // 16 blocks per thread: enough that the static split of at::parallel_for stays balanced, few enough
+  // that each block is long (sequential output writes).
+  const auto bounds = balanced_row_blocks(rp, n, std::max<int64_t>(1, at::get_num_threads() * 16));
+  const int64_t num_blocks = static_cast<int64_t>(bounds.size()) - 1;
+
+  const float* src = xf.data_ptr<float>();
+  float* zs[2] = {z_a.defined() ? z_a.data_ptr<float>() : nullptr, z_b.defined() ? z_b.data_ptr<float>() : nullptr};
+  for (int64_t k = 1; k <= num_layers; ++k) {
+    const bool first = k == 1, last = k == num_layers;
+    float* z_next = last ? nullptr : zs[(k - 1) % 2];
+    const float* x0 = first ? xf.data_ptr<float>() : nullptr;
+    const float final_scale = last ? 1.f / static_cast<float>(num_layers + 1) : 0.f;
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> acc(d);
+      for (int64_t b = b0; b < b1; ++b)
+        layer_rows(bounds[b], bounds[b + 1], d, rp, cp, dv, src, first, x0, z_next, o, final_scale, acc.data());
+    });
+    src = z_next;
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+TORCH_LIBRARY_IMPL(glrec, CPU, m) { m.impl("propagate", &propagate_cpu); }
+
+}  // namespace glrec
