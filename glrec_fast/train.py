@@ -190,6 +190,11 @@ def train(cfg: dict, callbacks=()) -> dict:
         for b in bar:
             sl = slice(b * cfg["batch_size"], (b + 1) * cfg["batch_size"])
             users, pos, neg = (t[sl].to(device, non_blocking=True) for t in (users_all, pos_all, neg_all))
+            if hasattr(model, "prefetch") and b + 1 < n_batches:
+                # Sampled models (sampling.SampledTraining): the next batch's neighbourhood is drawn on a
+                # worker thread while this batch trains; its sample is the same as one drawn on the spot.
+                nxt = slice(sl.stop, sl.stop + cfg["batch_size"])
+                model.prefetch(*(t[nxt].to(device, non_blocking=True) for t in (users_all, pos_all, neg_all)))
             loss, parts = model.loss(users, pos, neg, cfg["reg_weight"])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,136 @@
+"""Graph models trained on sampled neighbourhoods (mini-batch): GraphSAGE and sampled LightGCN.
+
+Both sample the joint user-item graph around each BPR batch (``glrec_fast.sampling``: one
+``neighbor_sample`` call per batch, prefetched on a worker thread when the training loop calls
+``model.prefetch`` one batch ahead) and keep the ``Recommender`` interface:
+``forward(users, pos, neg) -> (pos_scores, neg_scores, reg)``, ``embeddings()`` for evaluation.
+
+- ``GraphSAGE`` (Hamilton et al., 2017) with the mean aggregator over learned ID embeddings:
+  ``h_v' = act(W_self h_v + W_neigh mean_{u in S(v)} h_u + b)`` (no activation after the last
+  layer). Training uses the sampled ``S(v)``; evaluation computes every node layer by layer over
+  the full neighbourhoods, in row chunks (the usual GraphSAGE inference).
+- ``SampledLightGCN``: LightGCN's parameters and full-graph evaluation, trained on sampled blocks
+  with the full graph's normalisation and each sampled sum scaled by ``deg / k`` (unbiased; see
+  ``sampling.lightgcn_sampled``) -- for graphs too large to propagate whole every step.
+
+A sampled model has ``len(fanouts)`` layers.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from ..sampling import Blocks, SampledTraining, lightgcn_sampled, mean_aggregate
+from .base import Recommender
+from .lightgcn import LightGCN
+
+log = logging.getLogger(__name__)
+
+
+def _split3(x: torch.Tensor, n: int):
+    return x[:n], x[n:2 * n], x[2 * n:]
+
+
+class GraphSAGE(SampledTraining, Recommender):
+    def __init__(self, graph, dim: int = 64, fanouts=(10, 10), init_std: float = 0.1, replace: bool = False,
+                 sample_seed: int = 0, eval_chunk: int = 16384):
+        super().__init__()
+        self._init_sampling(fanouts, replace, sample_seed)
+        self.graph = graph
+        self.num_users, self.num_items = graph.num_users, graph.num_items
+        self.num_layers = len(self.fanouts)
+        self.eval_chunk = int(eval_chunk)
+        self.ego = nn.Embedding(graph.num_nodes, dim)  # users first, then items (joint ids)
+        nn.init.normal_(self.ego.weight, std=init_std)
+        self.lin_self = nn.ModuleList(nn.Linear(dim, dim) for _ in range(self.num_layers))
+        self.lin_neigh = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(self.num_layers))
+
+    def _apply(self, fn, *args, **kwargs):
+        # Keep the (non-parameter) graph on the parameters' device: sampling then runs there too.
+        out = super()._apply(fn, *args, **kwargs)
+        dev = self.ego.weight.device
+        if self.graph.device != dev:
+            self.graph = self.graph.to(dev)
+        return out
+
+    def _layer(self, t: int, h_self: torch.Tensor, h_mean: torch.Tensor) -> torch.Tensor:
+        out = self.lin_self[t](h_self) + self.lin_neigh[t](h_mean)
+        return torch.tanh(out) if t < self.num_layers - 1 else out
+
+    # ------------------------------------------------------------------ training: sampled blocks
+    def sampled_embeddings(self, blocks: Blocks) -> torch.Tensor:
+        """Final embeddings of the unique seeds (local-id order) computed on ``blocks``."""
+        h = self.ego(blocks.nodes)
+        for t in range(self.num_layers):
+            hop = self.num_layers - 1 - t  # layer t uses the edges of hops 0..hop
+            rows, cols = blocks.edges_upto(hop)
+            mean = mean_aggregate(h, rows, cols, blocks.row_counts(hop))
+            h = self._layer(t, h[: blocks.sizes[hop]], mean)
+        return h
+
+    def forward(self, users, pos, neg):
+        blocks = self.blocks_for(users, pos, neg)
+        h = self.sampled_embeddings(blocks)[blocks.seed_local]
+        u, p, n = _split3(h, users.numel())
+        reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, neg)) / (2 * users.numel())
+        return (u * p).sum(-1), (u * n).sum(-1), reg
+
+    def ego_params(self, users, pos, neg):
+        w = self.ego.weight
+        return [w[users], w[self.num_users + pos], w[self.num_users + neg]]
+
+    # ------------------------------------------------------------------ evaluation: full graph
+    def _mean_adj_rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows ``a:b`` of the row-normalised joint adjacency (mean over every neighbour), CSR."""
+        g = self.graph
+        rp = g.rowptr[a:b + 1]
+        lo, hi = int(rp[0]), int(rp[-1])
+        deg = (rp[1:] - rp[:-1]).clamp(min=1).to(self.ego.weight.dtype)
+        vals = torch.repeat_interleave(1.0 / deg, rp[1:] - rp[:-1], output_size=hi - lo)
+        with warnings.catch_warnings():  # torch's one-time "sparse CSR is beta" notice
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(rp - lo, g.col[lo:hi], vals, (b - a, g.num_nodes), check_invariants=False)
+
+    def embeddings(self):
+        h = self.ego.weight
+        n = self.graph.num_nodes
+        for t in range(self.num_layers):
+            parts = []
+            for a in range(0, n, self.eval_chunk):  # bounds the temporaries to eval_chunk rows
+                b = min(n, a + self.eval_chunk)
+                parts.append(self._layer(t, h[a:b], torch.sparse.mm(self._mean_adj_rows(a, b), h)))
+            h = torch.cat(parts) if parts else h
+        return h[: self.num_users], h[self.num_users:]
+
+
+class SampledLightGCN(SampledTraining, LightGCN):
+    """LightGCN trained on sampled blocks (full-graph normalisation, sums scaled by deg / k)."""
+
+    def __init__(self, graph, dim: int = 64, fanouts=(10, 10, 10), init_std: float = 0.1, replace: bool = False,
+                 sample_seed: int = 0):
+        super().__init__(graph, dim, len(list(fanouts)), init_std)
+        self._init_sampling(fanouts, replace, sample_seed)
+
+    def forward(self, users, pos, neg):
+        blocks = self.blocks_for(users, pos, neg)
+        e = lightgcn_sampled(self.ego.weight, self.graph, blocks)[blocks.seed_local]
+        u, p, n = _split3(e, users.numel())
+        reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, neg)) / (2 * users.numel())
+        return (u * p).sum(-1), (u * n).sum(-1), reg
+    # embeddings() (evaluation) is LightGCN's: exact full-graph propagation through ops.propagate.
+
+
+def build(cfg: dict, ds, graph) -> Recommender:
+    """``--model graphsage`` or ``--model lightgcn --sampled`` from a training config."""
+    fanouts = cfg["fanouts"]  # validated by the model (sampling.SampledTraining)
+    if isinstance(fanouts, list) and cfg.get("num_layers") is not None and cfg["num_layers"] != len(fanouts):
+        log.warning("%s: %d layers, one per fanout in fanouts=%s (num_layers=%s is not used by a sampled model)",
+                    cfg["model"], len(fanouts), fanouts, cfg["num_layers"])
+    if cfg["model"] == "graphsage":
+        return GraphSAGE(graph, cfg["emb_dim"], fanouts, cfg["init_std"], sample_seed=cfg["seed"])
+    if cfg["model"] == "lightgcn":
+        return SampledLightGCN(graph, cfg["emb_dim"], fanouts, cfg["init_std"], sample_seed=cfg["seed"])
+    raise ValueError(f"model: {cfg['model']!r} has no sampled variant; expected graphsage or lightgcn")

@@ -1,0 +1,245 @@
+"""Mini-batch graph training on sampled neighbourhoods: blocks, aggregation, prefetching.
+
+Sampling runs on the **joint CSR** of a ``BipartiteGraph`` (``graph.rowptr/col``: users
+``0..U-1``, items ``U..U+I-1``), not on the two one-way CSRs. The joint graph is bipartite, so
+hops alternate user -> item -> user by themselves; one ``neighbor_sample`` call covers a whole BPR
+batch (users, positive and negative items as seeds together, so shared neighbours are sampled
+once); and local node ids map straight onto the ``[U + I, d]`` embedding tables that LightGCN and
+GraphSAGE share.
+
+Layout (see ``ops.neighbor_sample``): ``nodes[:sizes[l]]`` are the nodes within ``l`` hops of the
+seeds; hop ``l``'s edges go from a frontier node (row, local id in ``[sizes[l-1], sizes[l])``) to a
+neighbour (col). An ``L``-layer model computes layer ``t`` for the first ``sizes[L - t]`` nodes
+from the edges of hops ``0..L - t`` (``Blocks.edges_upto``), so the seeds get exact
+``L``-hop receptive fields of the sampled graph while no node is sampled twice.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+
+__all__ = ["Blocks", "sample_blocks", "bpr_blocks", "mean_aggregate", "lightgcn_sampled", "Prefetcher",
+           "SampledTraining", "batch_seed"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def batch_seed(base: int, *ids: torch.Tensor) -> int:
+    """A sampler seed from ``base`` and a batch's ids (a hash of their content).
+
+    Derived from the batch itself rather than from a call counter, so the sample of a batch is the
+    same whether it was prefetched or not, and a resumed run (same batches) draws the same samples.
+    """
+    acc = _mix64((int(base) + 0x9E3779B97F4A7C15) & _MASK64)
+    for t in ids:
+        t = t.reshape(-1).long()
+        # Position-weighted sum with int64 wrap-around: order-sensitive, one pass, no host copy of t.
+        w = torch.arange(1, 2 * t.numel() + 1, 2, device=t.device, dtype=torch.long) * 0x2545F4914F6CDD1D
+        acc = _mix64((acc + (int((t * w).sum()) & _MASK64) + t.numel()) & _MASK64)
+    return acc - (1 << 64) if acc >= (1 << 63) else acc  # as a signed int64 for the op's `int seed`
+
+
+@dataclass
+class Blocks:
+    """A sampled multi-hop neighbourhood, laid out for layer-wise aggregation.
+
+    ``nodes``: global (joint) ids, position = local id; ``sizes[l]``: number of nodes within ``l``
+    hops (``sizes[0]`` = unique seeds); ``rows/cols/edge_ids``: per hop, as ``ops.neighbor_sample``
+    returns them; ``seed_local``: the local id of every requested seed (duplicates allowed).
+    """
+    nodes: torch.Tensor
+    sizes: list[int]
+    rows: list[torch.Tensor]
+    cols: list[torch.Tensor]
+    edge_ids: list[torch.Tensor]
+    seed_local: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_hops(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_edges(self) -> int:
+        return sum(int(r.numel()) for r in self.rows)
+
+    def edges_upto(self, hop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cols)`` of hops ``0..hop`` concatenated, sorted by row.
+
+        Rows index the first ``sizes[hop]`` nodes (each has its sampled neighbourhood in here),
+        cols the first ``sizes[hop + 1]``.
+        """
+        if hop not in self._cache:
+            self._cache[hop] = (torch.cat(self.rows[: hop + 1]), torch.cat(self.cols[: hop + 1]))
+        return self._cache[hop]
+
+    def row_counts(self, hop: int) -> torch.Tensor:
+        """Sampled edges per node for the first ``sizes[hop]`` nodes (edges of hops ``0..hop``)."""
+        key = ("counts", hop)
+        if key not in self._cache:
+            rows, _ = self.edges_upto(hop)
+            self._cache[key] = torch.bincount(rows, minlength=self.sizes[hop])
+        return self._cache[key]
+
+    def to(self, device) -> "Blocks":
+        mv = lambda ts: [t.to(device, non_blocking=True) for t in ts]  # noqa: E731
+        return Blocks(self.nodes.to(device, non_blocking=True), list(self.sizes), mv(self.rows), mv(self.cols),
+                      mv(self.edge_ids), self.seed_local.to(device, non_blocking=True))
+
+
+def sample_blocks(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor, fanouts, seed: int = 0,
+                  replace: bool = False) -> Blocks:
+    """Sample ``len(fanouts)`` hops around ``seeds`` (duplicates allowed) on a CSR graph."""
+    seeds = torch.as_tensor(seeds)
+    uniq, inverse = torch.unique(seeds.to(rowptr.device), return_inverse=True)
+    out = ops.neighbor_sample(rowptr, col, uniq, fanouts, replace=replace, seed=seed)
+    return Blocks(out.nodes[-1], [int(n.numel()) for n in out.nodes], list(out.rows), list(out.cols),
+                  list(out.edge_ids), inverse)
+
+
+def bpr_blocks(graph, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, fanouts, seed: int = 0,
+               replace: bool = False) -> Blocks:
+    """Blocks for a BPR batch on ``graph``'s joint CSR; ``seed_local`` is ``[users | pos | neg]``."""
+    for name, t in (("users", users), ("pos", pos), ("neg", neg)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.long:
+            raise ValueError(f"{name}: expected a 1-d int64 tensor, got "
+                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not users.numel() == pos.numel() == neg.numel():
+        raise ValueError(f"users/pos/neg: expected equal lengths, got {users.numel()}, {pos.numel()}, {neg.numel()}")
+    dev = graph.rowptr.device
+    seeds = torch.cat([users.to(dev), pos.to(dev) + graph.num_users, neg.to(dev) + graph.num_users])
+    return sample_blocks(graph.rowptr, graph.col, seeds, fanouts, seed=seed, replace=replace)
+
+
+def mean_aggregate(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """GraphSAGE's mean aggregator over sampled edges: ``out[r] = mean_{(r, c)} h[c]`` (0 without edges)."""
+    out = h.new_zeros((counts.numel(), h.size(1))).index_add_(0, rows, h[cols])
+    return out / counts.clamp(min=1).unsqueeze(1).to(h.dtype)
+
+
+def lightgcn_sampled(ego: torch.Tensor, graph, blocks: Blocks) -> torch.Tensor:
+    """LightGCN's layer mean at the seeds, estimated on sampled blocks with full-graph normalisation.
+
+    A layer is ``e'_v = sum_{u in N(v)} e_u / sqrt(d_v d_u)`` with the degrees ``d`` of the *full*
+    graph. On a sample ``S(v)`` of ``k_v`` neighbours (uniform, with or without replacement) the sum
+    is estimated by ``(d_v / k_v) * sum_{u in S(v)} e_u / sqrt(d_v d_u)``, which is unbiased; when
+    ``S(v)`` is the whole neighbourhood (fanout -1 or ``d_v <= fanout``) the factor is 1 and the
+    layer is exact. Each node keeps one sample for every layer that uses it, and samples of different
+    nodes are independent, so every path that never revisits a node is estimated without bias
+    (with three or more layers a path v -> u -> v -> ... reuses v's sample: a small correlation).
+
+    Returns ``[sizes[0], d]``: the layer mean (layers 0..L) for the unique seeds, in local-id order.
+    """
+    L = blocks.num_hops
+    nodes = blocks.nodes
+    deg = (graph.rowptr[nodes + 1] - graph.rowptr[nodes]).to(ego.dtype)
+    dinv = graph.dinv[nodes].to(ego.dtype)
+    h = ego[nodes]
+    n0 = blocks.sizes[0]
+    total = h[:n0]
+    for t in range(1, L + 1):
+        hop = L - t
+        rows, cols = blocks.edges_upto(hop)
+        counts = blocks.row_counts(hop).to(ego.dtype)
+        scale = deg[: counts.numel()] / counts.clamp(min=1)
+        w = (dinv[rows] * dinv[cols] * scale[rows]).unsqueeze(1)
+        h = h.new_zeros((blocks.sizes[hop], h.size(1))).index_add_(0, rows, h[cols] * w)
+        total = total + h[:n0]
+    return total / (L + 1)
+
+
+# --------------------------------------------------------------------------- prefetching
+class Prefetcher:
+    """Runs ``fn(*args)`` on one worker thread ahead of time; ``take(*args)`` returns its result.
+
+    The compiled sampler runs without the GIL (torch.ops release it around the C++ kernel; see
+    ``tests/test_graphsage.py::test_sampler_releases_the_gil``), so a sample for batch ``b + 1``
+    is drawn while batch ``b`` trains. ``take`` checks that the prefetched arguments are the ones
+    asked for (``torch.equal``), so a caller that skips or reorders batches gets a fresh sample,
+    never a wrong one.
+    """
+
+    def __init__(self, fn, depth: int = 2):
+        # depth 2: a training loop submits batch b + 1 before taking batch b (so that b + 1 is
+        # sampled while b trains); the queue then holds both.
+        self.fn = fn
+        self.depth = depth
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queue: collections.deque = collections.deque()
+
+    def submit(self, *args) -> None:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glrec-sampler")
+        while len(self._queue) >= self.depth:
+            self._queue.popleft()[1].cancel()
+        self._queue.append((args, self._pool.submit(self.fn, *args)))
+
+    def take(self, *args):
+        while self._queue:
+            queued, fut = self._queue.popleft()
+            if len(queued) == len(args) and all(_same(a, b) for a, b in zip(queued, args)):
+                return fut.result()
+            fut.cancel()
+        return self.fn(*args)
+
+    def close(self) -> None:
+        self._queue.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __getstate__(self):  # a model holding a Prefetcher stays deep-copyable / picklable
+        return {"fn": self.fn, "depth": self.depth, "_pool": None, "_queue": collections.deque()}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a is b or (a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+    return a == b
+
+
+class SampledTraining:
+    """Mixin for models trained on sampled blocks (GraphSAGE, sampled LightGCN).
+
+    ``forward(users, pos, neg)`` keeps the ``Recommender`` interface; its blocks come from
+    ``prefetch(users, pos, neg)`` called one batch ahead (a worker thread samples while the current
+    batch trains) or, without it, are sampled on the spot. Either way the seed is
+    ``batch_seed(sample_seed, users, pos, neg)``, so both give the same sample.
+    """
+
+    fanouts: list[int]
+    replace: bool
+    sample_seed: int
+
+    def _init_sampling(self, fanouts, replace: bool, sample_seed: int) -> None:
+        if isinstance(fanouts, int) or not all(isinstance(k, int) and not isinstance(k, bool) for k in fanouts):
+            raise ValueError(f"fanouts: expected a list of ints, got {fanouts!r}")
+        fanouts = list(fanouts)
+        if not fanouts or any(k < -1 for k in fanouts):
+            raise ValueError(f"fanouts: expected a non-empty list of ints >= -1 (-1 = every neighbour), got {fanouts}")
+        self.fanouts, self.replace, self.sample_seed = fanouts, bool(replace), int(sample_seed)
+        self._prefetcher = Prefetcher(self.sample)
+
+    def sample(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Blocks:
+        """The blocks of a BPR batch (thread-safe: reads the graph only)."""
+        return bpr_blocks(self.graph, users, pos, neg, self.fanouts,
+                          seed=batch_seed(self.sample_seed, users, pos, neg), replace=self.replace)
+
+    def prefetch(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> None:
+        """Start sampling the blocks of an upcoming batch on the worker thread."""
+        self._prefetcher.submit(users, pos, neg)
+
+    def blocks_for(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Blocks:
+        """The prefetched blocks of this batch, or a fresh sample when it was not prefetched."""
+        return self._prefetcher.take(users, pos, neg)

@@ -1,0 +1,211 @@
+"""Mini-batch training on sampled blocks: GraphSAGE, sampled LightGCN, the prefetching loader."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+import glrec_fast as gl
+from glrec_fast import ops, reference, sampling
+from glrec_fast.models.graphsage import GraphSAGE, SampledLightGCN
+from conftest import need_dataset
+
+COMPILED = ops.KERNELS["neighbor_sample"]["CPU"] == "C++ (_C)"
+
+
+@pytest.fixture(scope="module")
+def graph():
+    # 97 users, 59 items; user 96 and items 57, 58 have no interaction (isolated nodes).
+    g = torch.Generator().manual_seed(1)
+    e = torch.stack([torch.randint(0, 96, (700,), generator=g), torch.randint(0, 57, (700,), generator=g)], 1)
+    return gl.BipartiteGraph.from_interactions(e, 97, 59)
+
+
+BATCH = (torch.tensor([0, 3, 3, 50, 96]), torch.tensor([1, 2, 5, 1, 57]), torch.tensor([7, 8, 9, 1, 58]))
+
+
+def test_mean_aggregate_by_hand():
+    h = torch.tensor([[1., 2.], [3., 4.], [5., 6.], [7., 8.]])
+    rows, cols = torch.tensor([0, 0, 2]), torch.tensor([1, 3, 0])
+    out = sampling.mean_aggregate(h, rows, cols, torch.bincount(rows, minlength=3))
+    assert torch.equal(out, torch.tensor([[5., 6.], [0., 0.], [1., 2.]]))
+
+
+def test_blocks_layout(graph):
+    users, pos, neg = BATCH
+    b = sampling.bpr_blocks(graph, users, pos, neg, [3, 2], seed=4)
+    seeds = torch.cat([users, pos + graph.num_users, neg + graph.num_users])
+    assert torch.equal(b.nodes[b.seed_local], seeds)  # seed_local maps every requested seed
+    assert b.sizes[0] == seeds.unique().numel() and len(b.sizes) == 3 and b.sizes[-1] == b.nodes.numel()
+    rows, cols = b.edges_upto(1)
+    assert int(rows.max()) < b.sizes[1] and int(cols.max()) < b.sizes[2]
+    # Every block edge is a graph edge between the right global nodes.
+    eids = torch.cat(b.edge_ids)
+    assert torch.equal(graph.col[eids], b.nodes[cols])
+    assert bool(((eids >= graph.rowptr[b.nodes[rows]]) & (eids < graph.rowptr[b.nodes[rows] + 1])).all())
+
+
+def test_graphsage_sampled_equals_full_with_all_neighbours(graph):
+    # With fanout -1 the sampled training path and the full-graph evaluation path must agree.
+    model = GraphSAGE(graph, dim=16, fanouts=[-1, -1], eval_chunk=37)  # 37: several uneven eval chunks
+    users, pos, neg = BATCH
+    ps, ns, reg = model(users, pos, neg)
+    u, i = model.embeddings()
+    torch.testing.assert_close(ps, (u[users] * i[pos]).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ns, (u[users] * i[neg]).sum(-1), rtol=1e-5, atol=1e-6)
+    w = model.ego.weight
+    expected_reg = (w[users].pow(2).sum() + w[97 + pos].pow(2).sum() + w[97 + neg].pow(2).sum()) / 10
+    torch.testing.assert_close(reg, expected_reg)
+    (ps.sum() - ns.sum() + reg).backward()
+    assert model.ego.weight.grad is not None and model.lin_neigh[0].weight.grad.abs().sum() > 0
+
+
+def test_graphsage_full_embeddings_by_hand(graph):
+    # One layer, checked against an explicit per-node loop over the one-way CSRs.
+    model = GraphSAGE(graph, dim=8, fanouts=[4])
+    u_emb, i_emb = model.embeddings()
+    w = model.ego.weight.detach()
+    lin_s, lin_n = model.lin_self[0], model.lin_neigh[0]
+    for user in (0, 3, 96):
+        items = graph.user_col[graph.user_rowptr[user]:graph.user_rowptr[user + 1]]
+        mean = w[97 + items].mean(0) if items.numel() else torch.zeros(8)
+        torch.testing.assert_close(u_emb[user], lin_s(w[user]) + lin_n(mean), rtol=1e-5, atol=1e-6)
+    for item in (1, 58):
+        users = graph.item_col[graph.item_rowptr[item]:graph.item_rowptr[item + 1]]
+        mean = w[users].mean(0) if users.numel() else torch.zeros(8)
+        torch.testing.assert_close(i_emb[item], lin_s(w[97 + item]) + lin_n(mean), rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_lightgcn_exact_with_all_neighbours(graph):
+    model = SampledLightGCN(graph, dim=16, fanouts=[-1, -1, -1])
+    users, pos, neg = BATCH
+    ps, ns, _ = model(users, pos, neg)
+    full = reference.propagate(graph, model.ego.weight, 3)
+    u, i = full[:97], full[97:]
+    torch.testing.assert_close(ps, (u[users] * i[pos]).sum(-1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ns, (u[users] * i[neg]).sum(-1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_sampled_lightgcn_is_unbiased(graph, replace):
+    # Fanout 2 (most nodes have more neighbours): the mean of the estimate over many samples must
+    # match full propagation within its Monte-Carlo error; without the deg/k scaling it is off by
+    # factors of deg/2 and fails.
+    torch.manual_seed(0)
+    ego = torch.randn(graph.num_nodes, 4)
+    users, pos, neg = BATCH
+    seeds = torch.cat([users, pos + 97, neg + 97])
+    full = reference.propagate(graph, ego, 2)[seeds]
+    n = 300
+    draws = torch.stack([
+        (lambda b: sampling.lightgcn_sampled(ego, graph, b)[b.seed_local])(
+            sampling.sample_blocks(graph.rowptr, graph.col, seeds, [2, 2], seed=s, replace=replace))
+        for s in range(n)])
+    mean, se = draws.mean(0), draws.std(0) / n ** 0.5
+    z = (mean - full).abs() / (se + 1e-6)
+    assert float((z < 4.5).float().mean()) > 0.97, z.max()
+    assert float(se.max()) > 0  # the sample really varied
+
+
+def test_prefetched_sample_is_the_fresh_sample(graph):
+    model = GraphSAGE(graph, dim=8, fanouts=[3, 3], sample_seed=7)
+    users, pos, neg = BATCH
+    fresh = model.sample(users, pos, neg)
+    model.prefetch(users, pos, neg)
+    model.prefetch(users.flip(0), pos.flip(0), neg.flip(0))
+    got = model.blocks_for(users, pos, neg)
+    for a, b in zip(fresh.edge_ids + [fresh.nodes], got.edge_ids + [got.nodes]):
+        assert torch.equal(a, b)
+    # A batch that was not prefetched (or mismatches) is sampled on the spot, never mixed up.
+    other = model.blocks_for(users[:3], neg[:3], pos[:3])
+    assert torch.equal(other.nodes[other.seed_local], torch.cat([users[:3], neg[:3] + 97, pos[:3] + 97]))
+    assert torch.equal(other.edge_ids[1], model.sample(users[:3], neg[:3], pos[:3]).edge_ids[1])
+    # Different batches get different samples; a different base seed too.
+    assert not torch.equal(model.sample(users, pos, neg).edge_ids[1],
+                           GraphSAGE(graph, 8, [3, 3], sample_seed=8).sample(users, pos, neg).edge_ids[1])
+
+
+def test_prefetch_errors_surface_in_the_training_thread(graph):
+    model = GraphSAGE(graph, dim=8, fanouts=[3])
+    bad = torch.tensor([0, 1000])
+    model.prefetch(bad, bad, bad)
+    with pytest.raises(ValueError, match="seeds"):
+        model.blocks_for(bad, bad, bad)
+
+
+@pytest.mark.skipif(not COMPILED, reason="compiled sampler not built")
+def test_sampler_releases_the_gil():
+    # While one thread is inside the C++ sampler, another thread must keep running Python.
+    # Holding the GIL would leave the counter near 0; releasing it gives ~10^5+ iterations.
+    n_nodes, deg = 20_000, 100
+    col = torch.randint(0, n_nodes, (n_nodes * deg,), generator=torch.Generator().manual_seed(0))
+    rowptr = torch.arange(0, n_nodes * deg + 1, deg)
+    seeds = torch.arange(n_nodes)
+    started, done = threading.Event(), threading.Event()
+    took = []
+
+    def work():
+        started.set()
+        t = time.perf_counter()
+        ops.neighbor_sample(rowptr, col, seeds, [-1, 3])
+        took.append(time.perf_counter() - t)
+        done.set()
+
+    th = threading.Thread(target=work)
+    th.start()
+    started.wait()
+    count = 0
+    while not done.is_set():
+        count += 1
+    th.join()
+    assert count > 10_000, f"only {count} Python iterations ran during a {took[0]:.3f}s sampler call"
+
+
+def test_bad_config_is_reported(graph):
+    with pytest.raises(ValueError, match="fanouts"):
+        GraphSAGE(graph, fanouts=[10, -2])
+    with pytest.raises(ValueError, match="fanouts"):
+        GraphSAGE(graph, fanouts=[])
+    with pytest.raises(ValueError, match="fanouts"):
+        SampledLightGCN(graph, fanouts=["a"])
+    with pytest.raises(ValueError, match="users/pos/neg"):
+        sampling.bpr_blocks(graph, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]), [2])
+
+
+# --------------------------------------------------------------------------- real data, end to end
+BASE = ["--dataset", "ml-100k", "--split", "random", "--grokking", "false", "--batch_size", "2048",
+        "--lr", "0.005", "--epochs", "3", "--patience", "0"]
+
+
+def _random_ndcg():
+    """ndcg@20 of random scores on the same split (the floor a trained model must clear)."""
+    from glrec_fast import metrics
+    from glrec_fast.data import load_dataset
+    ds = load_dataset("ml-100k", split="random", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    table = torch.rand(ds.num_users, ds.num_items, generator=gen)
+    m = metrics.evaluate(lambda u: table[u], ds.test, ds.num_users, ds.num_items, exclude=[ds.train, ds.valid],
+                         ks=[20])
+    return m["ndcg@20"]
+
+
+@pytest.mark.parametrize("model_args", [["--model", "graphsage", "--fanouts", "[10,10]"],
+                                        ["--model", "lightgcn", "--sampled", "--fanouts", "[10,10,10]"]],
+                         ids=["graphsage", "sampled-lightgcn"])
+def test_trains_on_ml100k_and_beats_random(tmp_path, model_args):
+    need_dataset("ml-100k")
+    from glrec_fast import train
+    threads = torch.get_num_threads()
+    try:
+        # One thread: on a shared 2-core CI box, 2-thread OpenMP regions stall behind other jobs
+        # (measured 28 ms vs 200+ ms per GraphSAGE step at load ~6).
+        assert train.main(BASE + model_args + ["--num_threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    floor = _random_ndcg()  # ~0.01
+    # 3 epochs on 80k interactions reach ~0.2 (measured 0.219 graphsage, 0.204 sampled LightGCN; random 0.010).
+    assert m["test"]["ndcg@20"] > max(5 * floor, 0.08), (m["test"]["ndcg@20"], floor)
