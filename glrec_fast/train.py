@@ -255,6 +255,8 @@ def train(cfg: dict, callbacks=()) -> dict:
     extra = {"best_epoch": best_export["epoch"], "epochs_run": state["epoch"], "history": state["history"],
              "dataset": ds.summary() if hasattr(ds, "summary") else str(ds), "model": cfg["model"],
              "train_time_s": time.time() - t0}
+    if hasattr(model, "gate_report"):
+        extra["gates"] = model.gate_report()  # mean share of the graph branch per context
     for cb in callbacks:
         extra.update(cb.on_end(model=model, out=out) or {})
     checkpoint.write_json(os.path.join(out, "metrics.json"), {**results, **extra})
@@ -311,6 +313,14 @@ def recommend(checkpoint_path, user_ids, k: int = 20, exclude_seen: bool = True)
     return [[ck["item_ids"][int(i)] for i in row] for row in top]
 
 
+def default_callbacks(cfg) -> list:
+    cbs = []
+    if cfg["grokking"]:
+        from .monitoring import GrokkingCallback
+        cbs.append(GrokkingCallback(cfg))
+    return cbs
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
@@ -324,7 +334,7 @@ def main(argv=None) -> int:
         print(f"glrec_fast.train: {e}", file=sys.stderr)
         return 2
     try:
-        train(cfg)
+        train(cfg, callbacks=default_callbacks(cfg))
     except TrainingDiverged as e:
         log.error("%s", e)
         print(f"glrec_fast.train: {e}", file=sys.stderr)

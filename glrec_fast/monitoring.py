@@ -1,0 +1,137 @@
+"""Training-loop hook that runs the GrokkingMonitor on a fixed validation sample, per branch.
+
+Every ``grok_every`` steps it scores a fixed sample of validation users with each branch's
+embeddings (graph, text, fused for the hybrid; the model itself otherwise), computes NDCG@20 on the
+device (training items masked), and feeds the monitor. Nothing is read back to the host during
+training: the metric, the losses and the weight norms stay 0-dim device tensors, and the
+monitor's fusion prior is copied into the hybrid's ``fusion_prior`` buffer on the device. Events,
+the history and the plot are read once, at the end.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from .grokking import GrokkingMonitor
+
+log = logging.getLogger("glrec_fast.train")
+
+
+class GrokkingCallback:
+    def __init__(self, cfg: dict):
+        self.every = int(cfg["grok_every"])
+        self.sample_users = int(cfg["grok_sample_users"])
+        self.respond = bool(cfg["grok_respond"])
+        self.seed = int(cfg["seed"])
+        self.mon = None
+
+    # ------------------------------------------------------------------ setup
+    def on_start(self, model, ds, graph, cfg, device):
+        pairs = ds.valid if ds.valid.numel() else None
+        if pairs is None:
+            log.info("grokking monitor: off (no validation split to watch; the test split is never used)")
+            return
+        users = torch.unique(pairs[:, 0])
+        gen = torch.Generator().manual_seed(self.seed)
+        users = users[torch.randperm(users.numel(), generator=gen)[: self.sample_users]].sort().values
+        self.users = users.to(device)
+        self.truth = _dense(pairs, users, ds.num_items).to(device)
+        self.seen = _dense(ds.train, users, ds.num_items).to(device)
+        self.n_rel = self.truth.sum(1).clamp(min=1)
+        k = min(20, ds.num_items)
+        disc = 1.0 / torch.log2(torch.arange(k, dtype=torch.float32) + 2.0)
+        self.disc = disc.to(device)
+        self.idcg = torch.cumsum(disc, 0).to(device)
+        self.k = k
+        self.model = model
+        self.branches = list(model.branch_embeddings().keys()) if hasattr(model, "branch_embeddings") else ["model"]
+        self.mon = GrokkingMonitor(branches=self.branches, min_jump=0.01, respond=self.respond, device=device)
+        self.gate_means: list[torch.Tensor] = []
+        log.info("grokking monitor: branches %s, every %d steps, %d validation users", self.branches,
+                 self.every, users.numel())
+
+    # ------------------------------------------------------------------ per step
+    @torch.no_grad()
+    def _ndcg(self, u_emb, i_emb) -> torch.Tensor:
+        scores = (u_emb[self.users] @ i_emb.T).masked_fill(self.seen, -math.inf)
+        top = torch.topk(scores, self.k, dim=1).indices
+        hits = self.truth.gather(1, top).float()
+        dcg = (hits * self.disc).sum(1)
+        idcg = self.idcg[(self.n_rel.clamp(max=self.k) - 1)]
+        return (dcg / idcg).mean()
+
+    @torch.no_grad()
+    def on_step(self, step, loss, parts):
+        if self.mon is None or step % self.every:
+            return
+        m = self.model
+        was = m.training
+        m.eval()
+        if hasattr(m, "branch_embeddings"):
+            embs = m.branch_embeddings()
+        else:
+            embs = {"model": m.embeddings()}
+        m.train(was)
+        val = {b: self._ndcg(*embs[b]) for b in self.branches}
+        losses = {"graph": parts.get("bpr_graph", parts.get("bpr")), "text": parts.get("bpr_text", parts.get("bpr")),
+                  "fused": parts.get("bpr"), "model": parts.get("bpr", loss)}
+        train_loss = {b: (losses.get(b) if losses.get(b) is not None else loss) for b in self.branches}
+        wn = {}
+        if hasattr(m, "ego") and "graph" in self.branches:
+            wn["graph"] = m.ego.weight.norm()
+        if hasattr(m, "projector") and "text" in self.branches:
+            wn["text"] = torch.sqrt(sum(p.pow(2).sum() for p in m.projector.parameters()))
+        if hasattr(m, "gate_weight") and "fused" in self.branches:
+            wn["fused"] = torch.sqrt(m.gate_weight.pow(2).sum() + m.gate_bias.pow(2).sum())
+        if "model" in self.branches:
+            wn["model"] = torch.sqrt(sum(p.pow(2).sum() for p in m.parameters()))
+        self.mon.observe(step, train_loss=train_loss, val_metric=val, weight_norm=wn or None)
+        if self.respond and hasattr(m, "fusion_prior") and {"graph", "text"} <= set(self.branches):
+            m.fusion_prior.copy_(self.mon.gate_logit_offset("graph", "text"))
+        if hasattr(m, "gate_values") and "fused" in self.branches and m.fusion == "gated":
+            g_u, g_i = embs["graph"]
+            t_u, t_i = embs["text"]
+            self.gate_means.append(m.gate_values(g_i, t_i, m.item_context).mean())
+        else:
+            self.gate_means.append(torch.full((), float("nan"), device=val[self.branches[0]].device))
+
+    def on_epoch_end(self, epoch, row):
+        pass
+
+    # ------------------------------------------------------------------ end: read back once
+    def on_end(self, model, out):
+        if self.mon is None:
+            return {}
+        events = self.mon.events()
+        hist = self.mon.history
+        if self.gate_means:
+            hist["gate_mean"] = torch.stack(self.gate_means).cpu().tolist()
+        for e in events:
+            log.info("grokking monitor: %s on branch %s at step %d (jump %+.4f)", e["kind"], e["branch"],
+                     e["step"], e["jump"])
+        if not events:
+            log.info("grokking monitor: no grok/ungrok event in %d observations", len(hist["step"]))
+        path = None
+        if hist["step"]:
+            try:
+                from .plots import plot_training_curves
+                path = plot_training_curves(hist, events, os.path.join(out, "training_curves.png"),
+                                            title="per-branch validation ndcg@20 (fixed sample)")
+            except ImportError as e:
+                log.warning("training-curve plot skipped because of %r", e)
+        return {"grokking": {"events": events, "branches": self.branches, "observations": len(hist["step"]),
+                             "plot": path, "final_prior": self.mon.fusion_prior.cpu().tolist()}}
+
+
+def _dense(pairs: torch.Tensor, users: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Bool [len(users), num_items] marking each (user, item) of ``pairs`` for the sampled users."""
+    pos = torch.full((int(pairs[:, 0].max()) + 1 if pairs.numel() else 1,), -1, dtype=torch.long)
+    pos[users[users < pos.numel()]] = torch.arange(users.numel())[users < pos.numel()]
+    rows = pos[pairs[:, 0]]
+    keep = rows >= 0
+    out = torch.zeros(users.numel(), num_items, dtype=torch.bool)
+    out[rows[keep], pairs[keep, 1]] = True
+    return out
