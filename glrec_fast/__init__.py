@@ -8,8 +8,9 @@
 from . import ops, reference
 from .graph import (ITEM_COLD, ITEM_HEAD, ITEM_TAIL, USER_COLD, USER_WARM, BipartiteGraph)
 from .data import Dataset, load_dataset
+from .grokking import GrokkingMonitor
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "Dataset", "load_dataset", "BipartiteGraph", "ITEM_COLD", "ITEM_HEAD", "ITEM_TAIL", "USER_COLD",
+__all__ = ["ops", "reference", "Dataset", "load_dataset", "GrokkingMonitor", "BipartiteGraph", "ITEM_COLD", "ITEM_HEAD", "ITEM_TAIL", "USER_COLD",
            "USER_WARM", "__version__"]

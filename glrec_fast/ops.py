@@ -25,6 +25,10 @@ SCHEMAS = {
                               "-> (Tensor, Tensor, Tensor, Tensor)"),
     "neighbor_sample": ("neighbor_sample(Tensor rowptr, Tensor col, Tensor seeds, int[] fanouts, bool replace=False, "
                         "int seed=0) -> (Tensor[] nodes, Tensor[] rows, Tensor[] cols, Tensor[] edge_ids)"),
+    # GrokkingMonitor.observe (glrec_fast/grokking.py): in-place update of the monitor's device state.
+    "grokking_observe": ("grokking_observe(Tensor(a!) state, Tensor(b!) ring, Tensor(c!) event_buf, "
+                         "Tensor(d!) event_count, Tensor(e!) history_row, Tensor vals, float[] config, int step, "
+                         "int slot) -> ()"),
 }
 
 _lib = torch.library.Library("glrec", "DEF")
@@ -63,7 +67,13 @@ def _ref_neighbor_sample_kernel(rowptr, col, seeds, fanouts, replace=False, seed
     return reference.neighbor_sample(rowptr, col, seeds, fanouts, replace, seed)
 
 
+def _ref_grokking_observe_kernel(state, ring, event_buf, event_count, history_row, vals, config, step, slot):
+    from .grokking import observe_reference  # the monitor's pure-torch update lives with the monitor
+    observe_reference(state, ring, event_buf, event_count, history_row, vals, config, step, slot)
+
+
 _REFERENCE_KERNELS = {
+    "grokking_observe": _ref_grokking_observe_kernel,
     "propagate": _ref_propagate_kernel,
     "gated_fusion": _ref_gated_fusion_kernel,
     "gated_fusion_backward": _ref_gated_fusion_backward_kernel,
@@ -117,6 +127,10 @@ def _fake_neighbor_sample(rowptr, col, seeds, fanouts, replace=False, seed=0):
     hops = len(fanouts)
     return ([vec() for _ in range(hops + 1)], [vec() for _ in range(hops)], [vec() for _ in range(hops)],
             [vec() for _ in range(hops)])
+
+
+# Elementwise ops only, so the reference itself runs on meta tensors (the no-sync test relies on it).
+torch.library.register_fake("glrec::grokking_observe")(_ref_grokking_observe_kernel)
 
 
 @torch.library.register_fake("glrec::gated_fusion_backward")
