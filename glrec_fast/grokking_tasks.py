@@ -6,10 +6,12 @@ the training pairs early (train accuracy 100% at ~step 170), validation accuracy
 (< 7%) for ~200 more steps, then jumps to 100% (crosses 50% at ~step 550). Without weight decay,
 or with 15% of the pairs, it memorises and never generalises: the two controls.
 
-Tuning (p=97, seed 0, measured on this 2-core machine): the issue's lr 1e-3 with embed 128 /
-hidden 256 groks too (50% crossing at step ~1460) but takes ~95 s; lr 3e-3 with embed 64 / hidden
-128 crosses at ~550 and a 1000-step run takes ~10 s (≈8 ms per full-batch step) when the cores
-are free.
+Tuning (p=97, seed 0, measured on the 2-core dev machine): the issue's lr 1e-3 with embed 128 /
+hidden 256 groks too (50% crossing at step ~1460) but a 3000-step run took 95 s; lr 3e-3 with
+embed 64 / hidden 128 crosses at ~550 (seeds 1, 2: ~620) and an 800-step run takes 25-35 s with
+one thread while other jobs share the cores (8-14 ms per full-batch step); lr 5e-3 groks sooner
+(~390) but leaves fewer steps near chance. ``python -m glrec_fast.grokking_tasks`` prints the
+proof runs.
 
 ``modular_addition_runs`` trains several configurations side by side (one per monitor branch)
 so one ``GrokkingMonitor`` watches a grokking branch next to one that does not.
@@ -78,7 +80,7 @@ def _split(p: int, train_frac: float, seed: int):
 _DEFAULTS = dict(p=97, train_frac=0.5, weight_decay=1.0, lr=3e-3, betas=(0.9, 0.98), embed_dim=64, hidden=128)
 
 
-def modular_addition_runs(configs: Mapping[str, Mapping], steps: int = 1000, seed: int = 0, monitor=None,
+def modular_addition_runs(configs: Mapping[str, Mapping], steps: int = 800, seed: int = 0, monitor=None,
                           eval_every: int = 5, device: str | torch.device = "cpu") -> ModularRun:
     """Train one model per entry of ``configs`` (branch name -> overrides of p, train_frac,
     weight_decay, lr, betas, embed_dim, hidden) in lockstep, full batch. Every ``eval_every`` steps
@@ -142,7 +144,7 @@ def modular_addition_runs(configs: Mapping[str, Mapping], steps: int = 1000, see
                       monitor=monitor, seconds=seconds, config={n: r["cfg"] for n, r in runs.items()})
 
 
-def modular_addition_run(p: int = 97, train_frac: float = 0.5, weight_decay: float = 1.0, steps: int = 1000,
+def modular_addition_run(p: int = 97, train_frac: float = 0.5, weight_decay: float = 1.0, steps: int = 800,
                          seed: int = 0, monitor=None, branch: str | None = None, eval_every: int = 5,
                          **overrides) -> ModularRun:
     """One model; ``branch`` names it in the monitor (default: the monitor's first branch, or
@@ -164,13 +166,19 @@ def _main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-jump", type=float, default=0.25)
+    ap.add_argument("--lr", type=float, default=_DEFAULTS["lr"])
+    ap.add_argument("--only", choices=["grok", "wd0", "frac15"], action="append",
+                    help="run only these (repeatable; default: all three)")
     ap.add_argument("--plot", default=None, help="write the training-curve PNG of the grokking run here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs = {}
     for name, cfg in (("grok", {}), ("wd0", {"weight_decay": 0.0}), ("frac15", {"train_frac": 0.15})):
+        if args.only and name not in args.only:
+            continue
         mon = GrokkingMonitor([name], min_jump=args.min_jump)
-        runs[name] = modular_addition_runs({name: cfg}, steps=args.steps, seed=args.seed, monitor=mon)
+        runs[name] = modular_addition_runs({name: {**cfg, "lr": args.lr}}, steps=args.steps, seed=args.seed,
+                                           monitor=mon)
     print(f"{'run':8} {'config':32} {'seconds':>8} {'fit@':>6} {'val>50%@':>9} {'events':30} {'final val':>9}")
     for name, r in runs.items():
         cfg = r.config[name]
@@ -178,7 +186,7 @@ def _main(argv=None) -> None:
         desc = f"wd={cfg['weight_decay']} frac={cfg['train_frac']} lr={cfg['lr']}"
         print(f"{name:8} {desc:32} {r.seconds:8.1f} {str(r.fit_step(name)):>6} {str(r.crossing_step(name)):>9} "
               f"{str(events):30} {r.val_acc[name][-1]:9.3f}")
-    if args.plot:
+    if args.plot and "grok" in runs:
         from .plots import plot_training_curves
         r = runs["grok"]
         print("wrote", plot_training_curves(r.monitor.history, r.monitor.events(), args.plot,

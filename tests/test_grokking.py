@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from glrec_fast import _backend
-from glrec_fast.grokking import (EVENT_FIELDS, HISTORY_FIELDS, STATE_ROWS, GrokkingMonitor,
-                                 observe_reference)
+from glrec_fast.grokking import EVENT_FIELDS, HISTORY_FIELDS, STATE_ROWS, GrokkingMonitor
 
 NAN = float("nan")
 
