@@ -163,7 +163,7 @@ def correctness(device, graphs):
         for dtype, limit in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
             for d in (59, 64, 128):
                 for k in (0, 1, 3):
-                    for seg in ((256, 8) if name == "small" else (256,)):
+                    for seg in ((64, 8) if name == "small" else (64,)):
                         x = torch.randn(g.num_nodes, d, device=device).to(dtype)
                         out = kp.propagate(g.rowptr, g.col, g.dinv, x, k, seg_len=seg)
                         again = kp.propagate(g.rowptr, g.col, g.dinv, x, k, seg_len=seg)
@@ -265,9 +265,8 @@ def sweep(name, g):
     kp, _ = kernels_for("cuda")
     x = torch.randn(g.num_nodes, DIM, device="cuda")
     nb = helpers.propagate_min_bytes(g.num_nodes, int(g.col.numel()), DIM, NUM_LAYERS)
-    configs = [dict(block_e=e, num_warps=w) for e, w in ((8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2),
-                                                          (32, 4), (64, 4))]
-    configs += [dict(seg_len=0), dict(sort=False), dict(seg_len=0, sort=False), dict(seg_len=64), dict(seg_len=1024)]
+    configs = [dict(block_e=e, num_warps=w) for e, w in ((4, 1), (8, 1), (8, 2), (16, 1), (16, 2))]
+    configs += [dict(sort=True), dict(seg_len=0), dict(seg_len=0, sort=True), dict(seg_len=64), dict(seg_len=1024)]
     default = kp.default_config(DIM)
     for cfg in configs:
         try:
@@ -277,6 +276,15 @@ def sweep(name, g):
             print(f"   sweep {name:14s} {json.dumps(cfg):40s} {ms:8.3f} ms  (default tile {default})", flush=True)
         except Exception as e:
             ERRORS.append(f"sweep {name} {cfg}: {e!r}")
+    x128 = torch.randn(g.num_nodes, 128, device="cuda")
+    for cfg in (dict(), dict(block_e=8, num_warps=1), dict(block_e=8, num_warps=2), dict(block_e=16, num_warps=2)):
+        try:
+            ms = bench_ms(lambda: kp.propagate(g.rowptr, g.col, g.dinv, x128, NUM_LAYERS, **cfg), "cuda")
+            SWEEP.append({"case": name, "d": 128, **cfg, "ms": round(ms, 4)})
+            print(f"   sweep {name:14s} d=128 {json.dumps(cfg):34s} {ms:8.3f} ms  (default tile "
+                  f"{kp.default_config(128)})", flush=True)
+        except Exception as e:
+            ERRORS.append(f"sweep {name} d=128 {cfg}: {e!r}")
 
 
 @section("gated_fusion timings")

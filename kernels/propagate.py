@@ -9,16 +9,19 @@ value array, no K+1 stored layer tables. bf16/fp16 ``x`` keeps ``z`` in that dty
 are the traffic) and accumulates in float32.
 
 Schedule (why power-law rows do not stall): the launch is a list of *work items*, one per row, except
-that a row with more than ``seg_len`` (256) neighbours is cut into segments of at most 256 edges.
+that a row with more than ``seg_len`` (64) neighbours is cut into segments of at most 64 edges.
 A program sums its item's edges in chunks of ``BLOCK_E`` neighbours (a ``[BLOCK_E, BLOCK_D]`` tile of
 independent gathers in flight per iteration); a whole row finishes itself (epilogue above), a
 segment writes its partial sum to a float32 scratch slot and a tiny second launch adds each long
-row's slots in order and finishes it. Items are launched longest first (LPT). So no program does
-more than 256 edges (Gowalla: the 1,415-neighbour row becomes 6 segments; 243 of 70,839 rows are
-split, 6% of the edges; the 10M-edge power-law bench graph's 6,920-edge row becomes 27), the
-longest items start in the first wave while the short rows (median 13 = one iteration) fill the
-machine behind them, small tiles keep many programs per SM to hide the dependent
-rowptr -> col -> row load latency, and no atomics are used: results are bitwise deterministic.
+row's slots in order and finishes it. So no program does more than 64 edges (Gowalla: the
+1,415-neighbour row becomes 23 segments; 3,669 of 70,839 rows are split, 29% of the edges), small
+one-warp tiles keep many programs per SM to hide the dependent rowptr -> col -> row load latency
+of the short rows (median 13), and no atomics are used: results are bitwise deterministic.
+Measured on an H100 (bench/gpu_suite.py sweep, 3 layers, d = 64, fp32 forward, 8x64 tile, 1 warp),
+Gowalla / 10M-edge power-law graph: split at 64 in row order 0.248 / 4.72 ms; at 256: 0.260 / 4.74;
+at 1024: 0.412 / 4.94; never split: 0.469 / 6.04 (the long rows straggle); split at 256 with the
+longest items launched first (LPT, ``sort=True``): 0.242 / 5.26; LPT without split: 0.426 / 5.26.
+cuSPARSE (torch.sparse CSR, matrix cached) on the same runs: 0.479 / 7.39 ms.
 
 The schedule (and the one-off CSR validation, a host sync) depends only on ``rowptr``/``col``, so it
 is cached per tensor pair: the cache holds the tensors, so their addresses cannot be reused by other
@@ -195,7 +198,7 @@ class Schedule:
         self.num_slots = int(self.long_slot_ptr[-1])
 
 
-def schedule_for(rowptr: torch.Tensor, col: torch.Tensor, seg_len: int = 256, sort: bool = True) -> Schedule:
+def schedule_for(rowptr: torch.Tensor, col: torch.Tensor, seg_len: int = 64, sort: bool = False) -> Schedule:
     """Validated, cached schedule (see the module docstring for why caching by identity is safe)."""
     key = (rowptr.data_ptr(), rowptr._version, rowptr.numel(), col.data_ptr(), col._version, col.numel(),
            str(rowptr.device), seg_len, sort)
@@ -212,21 +215,24 @@ def schedule_for(rowptr: torch.Tensor, col: torch.Tensor, seg_len: int = 256, so
 
 
 def default_config(d: int) -> tuple[int, int]:
-    """(BLOCK_E, num_warps): a [BLOCK_E, BLOCK_D] tile of ~1k elements, so many small programs share
-    an SM (latency hiding for the dependent rowptr -> col -> row loads of short rows)."""
+    """(BLOCK_E, num_warps): a [BLOCK_E, BLOCK_D] tile of ~512 elements on one warp, so many small
+    programs share an SM. H100, 3-layer fp32 forward (bench/gpu_suite.py sweeps, split at 256),
+    Gowalla / 10M graph, d = 64: 4x1 warp 0.257 / 4.76 ms, 8x1 0.260 / 4.74, 8x2 0.264 / 4.61,
+    16x1 0.280 / 5.06, 16x2 0.301 / 5.17 (an earlier run: 32x2 0.363 / 6.50, 32x4 0.524 / 7.69);
+    d = 128: 4x1 0.424 / 10.20, 8x1 0.420 / 10.24, 8x2 0.456 / 10.32, 16x2 0.519 / 10.90."""
     block_d = triton.next_power_of_2(max(d, 1))
-    block_e = max(4, min(32, 1024 // block_d))
-    num_warps = 2 if block_d * block_e <= 1024 else 4
+    block_e = max(2, min(32, 512 // block_d))
+    num_warps = 1 if block_d * block_e <= 512 else 2
     return block_e, num_warps
 
 
 def propagate(rowptr: torch.Tensor, col: torch.Tensor, dinv: torch.Tensor, x: torch.Tensor, num_layers: int,
-              block_e: int | None = None, num_warps: int | None = None, seg_len: int = 256,
-              sort: bool = True) -> torch.Tensor:
+              block_e: int | None = None, num_warps: int | None = None, seg_len: int = 64,
+              sort: bool = False) -> torch.Tensor:
     """Mean of layers 0..num_layers of ``x`` over the normalised CSR graph (``dinv = deg^-1/2``).
 
     ``block_e``/``num_warps`` override the tile config, ``seg_len`` is the longest row one program
-    sums (0: never split) and ``sort=False`` launches work in row order instead of longest first
+    sums (0: never split) and ``sort=True`` launches the longest work items first instead of in row order
     (the last three are for bench/gpu_suite.py's schedule comparison; results are the same).
     """
     _check_inputs(rowptr, col, dinv, x, num_layers)

@@ -165,9 +165,9 @@ INTERP_CASES = [
     ("n97_d64_k4_split", 97, 64, 4, "float32", {"seg_len": 8}),
     ("n97_d128_k1_split", 97, 128, 1, "float32", {"seg_len": 8}),
     ("n97_d128_k4", 97, 128, 4, "float32", {}),
-    ("n97_d64_k2_unsorted_unsplit", 97, 64, 2, "float32", {"seg_len": 0, "sort": False}),
+    ("n97_d64_k2_sorted_unsplit", 97, 64, 2, "float32", {"seg_len": 0, "sort": True}),
     ("n1025_d64_k1", 1025, 64, 1, "float32", {}),
-    ("n97_d59_k2_bf16_split", 97, 59, 2, "bfloat16", {"seg_len": 8}),
+    ("n97_d59_k2_bf16_split_sorted", 97, 59, 2, "bfloat16", {"seg_len": 8, "sort": True}),
     ("n97_d64_k0", 97, 64, 0, "float32", {}),
 ]
 

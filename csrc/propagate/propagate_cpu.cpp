@@ -36,7 +36,10 @@ namespace {
 #define GLREC_CLONES
 #endif
 
-constexpr int64_t kPrefetchDistance = 4;  // edges ahead; 0 vs 4: see bench/RESULTS.md "Kernels"
+#ifndef GLREC_PREFETCH_DISTANCE  // overridable for A/B builds (-DGLREC_PREFETCH_DISTANCE=0)
+#define GLREC_PREFETCH_DISTANCE 4
+#endif
+constexpr int64_t kPrefetchDistance = GLREC_PREFETCH_DISTANCE;  // edges ahead; see bench/RESULTS.md "Kernels"
 
 void check_graph(const char* op, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& dinv,
                  int64_t num_nodes) {
