@@ -230,9 +230,10 @@ def gated_fusion(e_graph, e_text, context, gate_weight, gate_bias) -> torch.Tens
     for name, t in (("e_text", e_text), ("context", context), ("gate_weight", gate_weight), ("gate_bias", gate_bias)):
         if t.device != e_graph.device:
             raise ValueError(f"{name}: on {t.device} but e_graph is on {e_graph.device}")
-    if n and (int(context.min()) < 0 or int(context.max()) >= C):
-        raise ValueError(f"context: codes must lie in [0, {C}) (gate_bias has {C} rows), got "
-                         f"[{int(context.min())}, {int(context.max())}]")
+    if n:
+        lo, hi = (int(v) for v in torch.aminmax(context))  # one host sync for the range check
+        if lo < 0 or hi >= C:
+            raise ValueError(f"context: codes must lie in [0, {C}) (gate_bias has {C} rows), got [{lo}, {hi}]")
     if _backend.backend() == "reference":
         return reference.gated_fusion(e_graph, e_text, context, gate_weight, gate_bias)
     return torch.ops.glrec.gated_fusion(e_graph.contiguous(), e_text.contiguous(), context.contiguous(),
