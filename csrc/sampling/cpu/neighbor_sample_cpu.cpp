@@ -8,6 +8,8 @@
 //              row, then draws from its own counter-based stream keyed by (seed, hop, node) --
 //              never by the thread id -- into its chunk's buffer. Chunks have a fixed size, so
 //              the result is the same for any thread count.
+//              Row pointers, the drawn col entries and (stage 2) id-map entries are software-
+//              prefetched: on big graphs each sampled edge is otherwise a serial cache miss.
 //   2. relabel (serial, in frontier order): global -> local ids; a node not seen before gets the
 //              next local id, so new nodes are numbered in order of first appearance in the
 //              hop's edge list; writes rows/cols/edge_ids.
@@ -40,6 +42,10 @@ using Out = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
 
 constexpr int64_t kChunk = 256;           // frontier nodes per chunk (fixed => thread-count independent)
 constexpr int64_t kSerialEdges = 16384;   // below this many expected edges a hop runs on one thread
+// Software prefetch distance (rows, map entries) ahead of use. With the col prefetch below it
+// measured 1.5-2.3x faster per call (2 threads, median of 40, loaded box): Gowalla [10, 10]
+// 1.8 vs 3.0 ms, [15, 10, 5] 4.9 vs 11.5-17.6 ms; synthetic10m [10, 10] 2.8-4.3 vs 5.2-7.4 ms.
+constexpr int64_t kPrefetchAhead = 16;
 constexpr int64_t kDenseMaxNodes = int64_t(1) << 24;  // dense id map up to 16M nodes (64 MiB int32)
 
 // Global node id -> local id.
@@ -67,6 +73,11 @@ class NodeMap {
   }
   NodeMap(const NodeMap&) = delete;
   NodeMap& operator=(const NodeMap&) = delete;
+
+  inline void prefetch(int64_t key) const {
+    if (dense_mode_) __builtin_prefetch(dense_ + key);
+    else __builtin_prefetch(table_.data() + 2 * slot(key));
+  }
 
   // The local id of `key`, inserting it with id `next` when absent. The caller appends `key` to
   // *inserted_keys right after an insertion (the destructor relies on it).
@@ -281,6 +292,7 @@ Out neighbor_sample_cpu(const at::Tensor& rowptr_t, const at::Tensor& col_t, con
         Chunk& ch = chunks[c];
         const int64_t ib = c * kChunk, ie = std::min(F, ib + kChunk);
         for (int64_t i = ib; i < ie; ++i) {  // counts first: one allocation per chunk
+          if (i + kPrefetchAhead < ie) __builtin_prefetch(rowptr + frontier[i + kPrefetchAhead]);
           const int64_t v = frontier[i];
           const int64_t r0 = rowptr[v], r1 = rowptr[v + 1];
           if (r0 < 0 || r1 < r0 || r1 > num_col) { ch.bad_node = i; return; }
@@ -295,7 +307,7 @@ Out neighbor_sample_cpu(const at::Tensor& rowptr_t, const at::Tensor& col_t, con
         for (int64_t i = ib; i < ie; ++i) {
           const int64_t v = frontier[i];
           const int64_t r0 = rowptr[v], deg = rowptr[v + 1] - r0, k = counts[i];
-          if (takes_all(deg, fanout, replace)) {
+          if (takes_all(deg, fanout, replace)) {  // a contiguous run: the hardware prefetcher follows it
             for (int64_t j = 0; j < k; ++j) ei[j] = r0 + j;
           } else {
             const uint64_t key = stream_key(seed, hop, v);
@@ -305,14 +317,17 @@ Out neighbor_sample_cpu(const at::Tensor& rowptr_t, const at::Tensor& col_t, con
               floyd(key, deg, k, ei);
               for (int64_t j = 0; j < k; ++j) ei[j] += r0;
             }
-          }
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t u = col[ei[j]];
-            if (u < 0 || u >= num_nodes) { ch.bad_edge = ei[j]; return; }
-            nb[j] = u;
+            for (int64_t j = 0; j < k; ++j) __builtin_prefetch(col + ei[j]);
           }
           ei += k;
-          nb += k;
+        }
+        // Read the neighbours only after every index of the chunk is drawn: the col loads (about one
+        // cache miss per sampled edge on a big graph) were prefetched above, so many are in flight.
+        const int64_t* e = ch.eids.data();
+        for (int64_t p = 0; p < total; ++p) {
+          const int64_t u = col[e[p]];
+          if (u < 0 || u >= num_nodes) { ch.bad_edge = e[p]; return; }
+          nb[p] = u;
         }
       }
     });
@@ -348,6 +363,7 @@ Out neighbor_sample_cpu(const at::Tensor& rowptr_t, const at::Tensor& col_t, con
       const int64_t ib = c * kChunk, ie = std::min(F, ib + kChunk);
       for (int64_t i = ib; i < ie; ++i) {
         for (int64_t j = 0; j < counts[i]; ++j, ++p) {
+          if (p - chunk_start + kPrefetchAhead < static_cast<int64_t>(ce.size())) map.prefetch(nb[p - chunk_start + kPrefetchAhead]);
           const int64_t u = nb[p - chunk_start];
           bool inserted;
           cols[p] = map.get_or_insert(u, static_cast<int64_t>(nodes.size()), &inserted);
