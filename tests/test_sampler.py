@@ -2,6 +2,12 @@
 ("ours", CPU and CUDA) and the pure-torch reference; thread-count independence; bad inputs."""
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -9,6 +15,7 @@ import glrec_fast as gl
 from glrec_fast import ops, reference
 
 HAS_CUDA = torch.cuda.is_available()
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def random_csr(num_nodes: int, avg_deg: float, seed: int, isolated=()):
@@ -242,6 +249,31 @@ def test_kernel_called_directly_checks_dtype_and_fanout():
         torch.ops.glrec.neighbor_sample(rp, col, torch.tensor([0], dtype=torch.int32), [1], False, 0)
     with pytest.raises((ValueError, RuntimeError), match="fanouts"):
         torch.ops.glrec.neighbor_sample(rp, col, torch.tensor([0]), [1, -3], False, 0)
+
+
+def test_error_path_does_not_crash_the_process():
+    # In a child process, so that a crash while raising from the C++ kernels fails this one test
+    # with the child's stderr instead of killing the whole run (seen once, on an H100 image with a
+    # JIT-built extension: SIGSEGV in the first bad-input test; not reproduced on this machine).
+    code = textwrap.dedent("""
+        import torch, glrec_fast as gl
+        rp, col, seeds = torch.tensor([0, 2, 3, 5, 6]), torch.tensor([1, 2, 0, 0, 3, 2]), torch.tensor([0, 2])
+        bad = [(torch.tensor([0, 2, 1, 5, 6]), col, seeds), (rp, torch.tensor([1, 7, 0, 0, 3, 2]), seeds),
+               (rp, col, torch.tensor([0, 4]))]
+        for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            for r, c, s in bad:
+                try:
+                    gl.ops.neighbor_sample(r.to(dev), c.to(dev), s.to(dev), [2, 2])
+                    print("no error", dev)
+                except ValueError:
+                    print("ValueError", dev, flush=True)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env=env)
+    assert r.returncode == 0, f"child exited with {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}"
+    devs = 2 if HAS_CUDA else 1
+    assert r.stdout.count("ValueError") == 3 * devs, r.stdout
 
 
 # --------------------------------------------------------------------------- CUDA
