@@ -21,6 +21,16 @@ class Recommender(nn.Module):
     num_users: int
     num_items: int
 
+    def _apply(self, fn, *args, **kwargs):
+        # A model that holds a BipartiteGraph (not a parameter or buffer) keeps it on the
+        # parameters' device, so .to(device) moves the graph too and its kernels run there.
+        out = super()._apply(fn, *args, **kwargs)
+        graph = self.__dict__.get("graph")
+        params = list(self.parameters())
+        if graph is not None and params and graph.device != params[0].device:
+            self.graph = graph.to(params[0].device)
+        return out
+
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

@@ -48,14 +48,6 @@ class GraphSAGE(SampledTraining, Recommender):
         self.lin_self = nn.ModuleList(nn.Linear(dim, dim) for _ in range(self.num_layers))
         self.lin_neigh = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(self.num_layers))
 
-    def _apply(self, fn, *args, **kwargs):
-        # Keep the (non-parameter) graph on the parameters' device: sampling then runs there too.
-        out = super()._apply(fn, *args, **kwargs)
-        dev = self.ego.weight.device
-        if self.graph.device != dev:
-            self.graph = self.graph.to(dev)
-        return out
-
     def _layer(self, t: int, h_self: torch.Tensor, h_mean: torch.Tensor) -> torch.Tensor:
         out = self.lin_self[t](h_self) + self.lin_neigh[t](h_mean)
         return torch.tanh(out) if t < self.num_layers - 1 else out

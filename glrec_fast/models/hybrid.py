@@ -80,13 +80,6 @@ class FusedHybridRec(Recommender):
         self.gate_weight = nn.Parameter(torch.zeros(NUM_GATES, 2, dim))
         self.gate_bias = nn.Parameter(torch.zeros(NUM_GATES, dim))
 
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        dev = self.ego.weight.device
-        if self.graph.device != dev:
-            self.graph = self.graph.to(dev)
-        return out
-
     # ------------------------------------------------------------------ branches
     def graph_embeddings(self):
         if self.fusion == "text":

@@ -24,14 +24,6 @@ class LightGCN(Recommender):
         self.ego = nn.Embedding(graph.num_nodes, dim)  # users first, then items
         nn.init.normal_(self.ego.weight, std=init_std)
 
-    def _apply(self, fn, *args, **kwargs):
-        # Keep the (non-parameter) graph on the same device as the parameters.
-        out = super()._apply(fn, *args, **kwargs)
-        dev = self.ego.weight.device
-        if self.graph.device != dev:
-            self.graph = self.graph.to(dev)
-        return out
-
     def propagated(self) -> torch.Tensor:
         return ops.propagate(self.graph, self.ego.weight, self.num_layers)
 
