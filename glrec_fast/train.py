@@ -174,6 +174,7 @@ def train(cfg: dict, callbacks=()) -> dict:
         log.info("no validation split: no early stopping; the last epoch's model is kept")
     for cb in callbacks:
         cb.on_start(model=model, ds=ds, graph=graph_dev, cfg=cfg, device=device)
+    tb = _tensorboard(cfg, out)
 
     from tqdm.auto import tqdm
     for epoch in range(state["epoch"], cfg["epochs"]):
@@ -237,6 +238,11 @@ def train(cfg: dict, callbacks=()) -> dict:
                                                      for k, v in row.items() if k != "epoch"))
         for cb in callbacks:
             cb.on_epoch_end(epoch=epoch + 1, row=row)
+        if tb is not None:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    tb.add_scalar(k, v, epoch + 1)
+            tb.flush()
         checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
                          "config": cfg, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                                                 "python": random.getstate()}}, last_path)
@@ -262,6 +268,20 @@ def train(cfg: dict, callbacks=()) -> dict:
     checkpoint.write_json(os.path.join(out, "metrics.json"), {**results, **extra})
     log.info("results (best epoch %d):\n%s", best_export["epoch"], metrics.format_table(results))
     return {**results, **extra}
+
+
+def _tensorboard(cfg, out):
+    """A SummaryWriter under out/tb when --tensorboard is on and tensorboard is installed."""
+    if not cfg["tensorboard"]:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        from ._backend import announce
+        announce("tensorboard", f"glrec_fast.train: --tensorboard requested but not available, logging to "
+                                f"train.log only, because of {e!r} (pip install tensorboard)")
+        return None
+    return SummaryWriter(os.path.join(out, "tb"))
 
 
 def _optimizer(model, cfg):
