@@ -104,6 +104,20 @@ class GrokkingCallback:
     def on_epoch_end(self, epoch, row):
         pass
 
+    # ------------------------------------------------------------------ resume (stored in last.pt)
+    def state_dict(self):
+        if self.mon is None:
+            return None
+        gm = torch.stack(self.gate_means).cpu() if self.gate_means else torch.zeros(0)
+        return {"monitor": self.mon.state_dict(), "gate_means": gm}
+
+    def load_state_dict(self, state):
+        if self.mon is None:
+            return
+        self.mon.load_state_dict(state["monitor"])
+        dev = self.mon.device
+        self.gate_means = [g.to(dev) for g in state["gate_means"]]
+
     # ------------------------------------------------------------------ end: read back once
     def on_end(self, model, out):
         if self.mon is None:

@@ -174,6 +174,13 @@ def train(cfg: dict, callbacks=()) -> dict:
         log.info("no validation split: no early stopping; the last epoch's model is kept")
     for cb in callbacks:
         cb.on_start(model=model, ds=ds, graph=graph_dev, cfg=cfg, device=device)
+    if cfg["resume"]:
+        # Callbacks with state (the grokking monitor) continue where the interrupted run stopped.
+        saved = ck.get("callbacks", {})
+        for cb in callbacks:
+            name = type(cb).__name__
+            if hasattr(cb, "load_state_dict") and name in saved:
+                cb.load_state_dict(saved[name])
     tb = _tensorboard(cfg, out)
 
     from tqdm.auto import tqdm
@@ -243,9 +250,11 @@ def train(cfg: dict, callbacks=()) -> dict:
                 if k != "epoch" and isinstance(v, (int, float)):
                     tb.add_scalar(k, v, epoch + 1)
             tb.flush()
+        cb_states = {type(cb).__name__: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}
         checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
                          "config": cfg, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                                "python": random.getstate()}}, last_path)
+                                                "python": random.getstate()},
+                         "callbacks": {k: v for k, v in cb_states.items() if v is not None}}, last_path)
         if stop:
             log.info("early stop: valid ndcg@20 has not improved for %d evaluations (best %.4f at epoch %d)",
                      cfg["patience"], state["best"], state["best_epoch"])

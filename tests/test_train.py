@@ -64,6 +64,25 @@ def test_resume_reproduces_an_unbroken_run(tmp_path):
     assert b["history"][1]["loss"] == pytest.approx(a["history"][1]["loss"], rel=1e-5)
 
 
+def test_resume_continues_the_grokking_monitor(tmp_path):
+    """The monitor's device state and history are stored in last.pt, so a resumed run's monitor sees
+    the same observations as an unbroken run's (not a fresh monitor that restarts at the resume)."""
+    need_dataset("ml-100k")
+    args = [a if a != "false" else "true" for a in BASE] + ["--model", "mf", "--lr", "0.01", "--patience", "0",
+                                                            "--grok_every", "2"]
+    assert train.main(args + ["--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert train.main(args + ["--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    first = checkpoint.load(tmp_path / "b" / "last.pt")["callbacks"]["GrokkingCallback"]
+    assert first["monitor"]["calls"] > 0
+    assert train.main(args + ["--epochs", "2", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())["grokking"]
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())["grokking"]
+    assert b["observations"] == a["observations"] > first["monitor"]["calls"]
+    hist_a = checkpoint.load(tmp_path / "a" / "last.pt")["callbacks"]["GrokkingCallback"]["monitor"]["history"]
+    hist_b = checkpoint.load(tmp_path / "b" / "last.pt")["callbacks"]["GrokkingCallback"]["monitor"]["history"]
+    assert torch.allclose(hist_a, hist_b, atol=1e-5, equal_nan=True)
+
+
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     need_dataset("ml-100k")
     args = BASE + ["--model", "mf", "--out", str(tmp_path)]
