@@ -6,7 +6,7 @@ import torch
 
 from glrec_fast import BipartiteGraph, reference, train
 from glrec_fast.graph import ITEM_COLD
-from glrec_fast.models.hybrid import USER_GATE_OFFSET, FusedHybridRec
+from glrec_fast.models.hybrid import FusedHybridRec, user_gate_ids
 
 
 def _graph(U=30, I=25, n=200, seed=0):
@@ -22,15 +22,43 @@ def _model(fusion="gated", **kw):
 
 
 def test_fused_embeddings_follow_the_gate_formula():
-    g, m = _model()
+    g, m = _model(cold_gate="vector")
     with torch.no_grad():
         m.gate_weight.normal_()
         m.gate_bias.normal_()
     br = m.branch_embeddings()
     (gu, gi), (tu, ti), (fu, fi) = br["graph"], br["text"], br["fused"]
     want_i = reference.gated_fusion(gi, ti, g.item_context, m.gate_weight, m.gate_bias)
-    want_u = reference.gated_fusion(gu, tu, g.user_context + USER_GATE_OFFSET, m.gate_weight, m.gate_bias)
-    assert torch.allclose(fi, want_i, atol=1e-5) and torch.allclose(fu, want_u, atol=1e-5)
+    # score(u, i) = user vector through the gate of (user context, item i's context) . item vector.
+    want_u = torch.stack([reference.gated_fusion(gu, tu, user_gate_ids(g.user_context, c), m.gate_weight,
+                                                 m.gate_bias) for c in range(3)])  # [3, U, d]
+    want_scores = (want_u[g.item_context] * want_i.unsqueeze(1)).sum(-1).T  # [U, I]
+    assert fu.shape == (g.num_users, 3 * 8) and fi.shape == (g.num_items, 3 * 8)
+    assert torch.allclose(fu @ fi.T, want_scores, atol=1e-5)
+    # The forward (BPR) scores use the same per-pair rule.
+    users, pos, neg = torch.tensor([0, 1, 2]), torch.tensor([0, 21, 3]), torch.tensor([22, 4, 5])
+    m.eval()
+    _, gi_all = m.graph_embeddings()
+    assert torch.all(gi_all[21:] == 0)
+    scores = fu @ fi.T
+    m.cold_drop = 0.0
+    m.train()
+    loss, parts = m.loss(users, pos, neg, 0.0)
+    want = torch.nn.functional.softplus(-(scores[users, pos] - scores[users, neg])).mean()
+    assert torch.allclose(parts["bpr"], want, atol=1e-5)
+
+
+def test_shared_user_gate_gives_one_user_vector():
+    g, m = _model(user_gate="shared", cold_gate="vector")
+    with torch.no_grad():
+        m.gate_weight.normal_()
+        m.gate_bias.normal_()
+    br = m.branch_embeddings()
+    (gu, gi), (tu, ti), (fu, fi) = br["graph"], br["text"], br["fused"]
+    assert fu.shape == (g.num_users, 8)
+    assert torch.allclose(fu, reference.gated_fusion(gu, tu, user_gate_ids(g.user_context, 0), m.gate_weight,
+                                                     m.gate_bias), atol=1e-5)
+    assert torch.allclose(fi, reference.gated_fusion(gi, ti, g.item_context, m.gate_weight, m.gate_bias), atol=1e-5)
 
 
 def test_cold_items_come_from_content_alone():
@@ -47,7 +75,7 @@ def test_cold_items_come_from_content_alone():
 
 
 def test_cold_simulation_trains_the_cold_gate_from_warm_items():
-    g, m = _model(cold_drop=0.5)
+    g, m = _model(cold_drop=0.5, cold_gate="vector")
     warm = torch.nonzero(g.item_context != ITEM_COLD).flatten()
     users = torch.randint(0, g.num_users, (64,))
     pos, neg = warm[torch.randint(0, warm.numel(), (64,))], warm[torch.randint(0, warm.numel(), (64,))]
@@ -57,7 +85,7 @@ def test_cold_simulation_trains_the_cold_gate_from_warm_items():
     # Only warm items were in the batch, yet the cold gate (row ITEM_COLD) received a gradient.
     assert m.gate_bias.grad[ITEM_COLD].abs().sum() > 0
     m.zero_grad()
-    _, m0 = _model(cold_drop=0.0)
+    _, m0 = _model(cold_drop=0.0, cold_gate="vector")
     m0.train()
     m0.loss(users, pos, neg, 1e-4)[0].backward()
     assert m0.gate_bias.grad[ITEM_COLD].abs().sum() == 0
@@ -88,6 +116,12 @@ def test_bad_arguments():
         FusedHybridRec(g, torch.randn(g.num_items, 4), fusion="max")
     with pytest.raises(ValueError, match="cold_drop"):
         FusedHybridRec(g, torch.randn(g.num_items, 4), cold_drop=1.5)
+    with pytest.raises(ValueError, match="user_gate"):
+        FusedHybridRec(g, torch.randn(g.num_items, 4), user_gate="per_user")
+    with pytest.raises(ValueError, match="cold_gate"):
+        FusedHybridRec(g, torch.randn(g.num_items, 4), cold_gate="matrix")
+    with pytest.raises(ValueError, match="gate_init"):
+        FusedHybridRec(g, torch.randn(g.num_items, 4), gate_init=1.0)
     bad = torch.randn(g.num_items, 4)
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -109,3 +143,32 @@ def test_cli_hybrid_with_real_minilm_and_monitor(tmp_path):
     assert (out / "training_curves.png").stat().st_size > 10_000
     # Better than random ranking (about 20/150 recall@20 for a user with items spread uniformly).
     assert m["test"]["recall@20"] > 0.2
+
+
+@pytest.mark.parametrize("cold_gate", ["fixed", "scalar"])
+def test_cold_gate_modes_give_cold_items_one_share(cold_gate):
+    g, m = _model(cold_gate=cold_gate, gate_init=0.75, cold_drop=0.5, cold_weight=1.0)
+    with torch.no_grad():
+        m.gate_weight.normal_()
+        m.gate_bias.normal_()
+    br = m.branch_embeddings()
+    cold = g.item_context == ITEM_COLD
+    gv = m.gate_values(br["graph"][1], br["text"][1], g.item_context)
+    # Cold items: one share for every item and dimension (0.75 at the start), whatever their text.
+    assert torch.allclose(gv[cold], torch.full_like(gv[cold], 0.75))
+    assert not torch.allclose(gv[~cold], torch.full_like(gv[~cold], 0.75))
+    users_cold_gate = m.gate_values(br["graph"][0], br["text"][0], user_gate_ids(g.user_context, ITEM_COLD))
+    assert torch.allclose(users_cold_gate, torch.full_like(users_cold_gate, 0.75))
+    m.train()
+    warm = torch.nonzero(~cold).flatten()
+    users = torch.randint(0, g.num_users, (64,))
+    pos, neg = warm[torch.randint(0, warm.numel(), (64,))], warm[torch.randint(0, warm.numel(), (64,))]
+    loss, parts = m.loss(users, pos, neg, 1e-4)
+    loss.backward()
+    assert "bpr_cold" in parts
+    assert m.gate_weight.grad[ITEM_COLD].abs().sum() == 0 and m.gate_bias.grad[ITEM_COLD].abs().sum() == 0
+    assert m.gate_bias.grad[1].abs().sum() > 0  # warm head gate still learns
+    if cold_gate == "scalar":
+        assert m.cold_logit.grad[ITEM_COLD] != 0
+    else:
+        assert m.cold_logit.grad is None

@@ -7,14 +7,33 @@ Branches
 
 Fusion (``glrec_fast.ops.gated_fusion``): per context ``c`` and dimension,
 ``g = sigmoid(W[c,0] * e_graph + W[c,1] * e_text + b[c] + prior)``, ``fused = g*e_graph + (1-g)*e_text``.
-Contexts: items cold / warm-head / warm-tail (a cold item is never head), users cold / warm — five
-gates in one ``[5, 2, d]`` table. ``prior`` is the grokking monitor's bounded offset (positive
-favours the graph branch). ``fusion="static"`` replaces the gate by one fixed weight ``alpha``
+Contexts: items cold / warm-head / warm-tail (a cold item is never head), users cold / warm.
+With ``user_gate="item_context"`` (the default) a user's mix also depends on the context of the item
+being scored: score(u, i) = fuse_u[ctx(u), ctx(i)](g_u, t_u) . fuse_i[ctx(i)](g_i, t_i). All gates
+live in one ``[9, 2, d]`` table: rows 0-2 the item gates, rows 3-8 the user gates (user context x
+item context). ``user_gate="shared"`` gives each user one fused vector for every item (rows 3 and 6).
+
+Why the user gate reads the item context (measured on ml-100k's cold split, bench/RESULTS.md): with
+one user vector for all items, that vector is fitted to the warm items that dominate training, and
+cold items, which can only be reached through the user . text cross term, lose a third of their
+ndcg@20 against a static mix; replacing only the trained model's user gates by the static weight
+brought cold ndcg@20 from 0.146 back to 0.193. Ranking stays a dot product: ``embeddings()`` returns
+users as the concatenation of their three per-item-context vectors and items with their vector in
+the block of their own context (zeros elsewhere), so ``user_emb @ item_emb.T`` is exactly the score.
+
+``prior`` is the grokking monitor's bounded offset (positive favours the graph branch). ``fusion="static"`` replaces the gate by one fixed weight ``alpha``
 (tuned on the validation split by the caller); ``fusion="graph"`` / ``"text"`` keep one branch.
 
 Cold start: a cold item has no graph signal, so its graph embedding is zero and its gate is the
-cold gate. The cold gate learns from data because training drops the graph embedding of a random
-``cold_drop`` fraction of warm items in every batch and routes them through the cold gate.
+cold gate. Training drops the graph embedding of a random ``cold_drop`` fraction of warm items in
+every batch and routes them through the cold gates, so the branches learn to serve cold items.
+``cold_gate`` says what the gates that score cold items (the cold item gate and the users' gates for
+cold items) may learn: "fixed" (default) keeps them at ``gate_init`` (give it the static weight
+tuned on valid), "scalar" learns one share per gate, "vector" learns them per dimension from their
+inputs like the warm gates. Measured on ml-100k's cold split (3 seeds, bench/RESULTS.md): learned
+cold gates drift away from what ranks held-out cold items (simulated cold items are dropped warm
+items, scored against warm negatives) and lose 25-30% cold ndcg@20 against "fixed", also with a
+cold-vs-cold loss term (``cold_weight``); the warm gates learn and gain where data is plentiful.
 
 Training loss: BPR on the fused scores plus ``aux_weight`` x (BPR on graph-only scores + BPR on
 text-only scores). The auxiliary terms keep each branch a ranker on its own, which is what lets the
@@ -22,27 +41,42 @@ grokking monitor evaluate every branch separately and lets the gate compare two 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .. import ops
-from ..graph import ITEM_COLD, USER_COLD
+from ..graph import ITEM_COLD, ITEM_CONTEXT_NAMES, USER_CONTEXT_NAMES
 from .base import Recommender, bpr_loss
 
 NUM_ITEM_CONTEXTS = 3            # ITEM_COLD, ITEM_HEAD, ITEM_TAIL
-USER_GATE_OFFSET = NUM_ITEM_CONTEXTS  # user contexts USER_COLD/USER_WARM use gates 3 and 4
-NUM_GATES = NUM_ITEM_CONTEXTS + 2
+NUM_USER_CONTEXTS = 2            # USER_COLD, USER_WARM
+USER_GATE_OFFSET = NUM_ITEM_CONTEXTS  # user gate = USER_GATE_OFFSET + NUM_ITEM_CONTEXTS * user_ctx + item_ctx
+NUM_GATES = NUM_ITEM_CONTEXTS + NUM_USER_CONTEXTS * NUM_ITEM_CONTEXTS
 FUSIONS = ("gated", "static", "graph", "text")
+USER_GATES = ("item_context", "shared")
+COLD_GATES = ("vector", "scalar", "fixed")
+
+
+def user_gate_ids(user_ctx: torch.Tensor, item_ctx: torch.Tensor | int) -> torch.Tensor:
+    """Row of the gate table for users of context ``user_ctx`` scoring items of context ``item_ctx``."""
+    return USER_GATE_OFFSET + NUM_ITEM_CONTEXTS * user_ctx + item_ctx
 
 
 class FusedHybridRec(Recommender):
     def __init__(self, graph, content: torch.Tensor, user_content: torch.Tensor | None = None,
                  graph_branch: str = "lightgcn", fusion: str = "gated", dim: int = 64, num_layers: int = 3,
                  text_hidden: int = 128, cold_drop: float = 0.2, aux_weight: float = 0.5,
-                 static_weight: float = 0.5, init_std: float = 0.1):
+                 static_weight: float = 0.5, init_std: float = 0.1, gate_init: float = 0.5,
+                 user_gate: str = "item_context", cold_weight: float = 0.0, cold_gate: str = "fixed"):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
+        if cold_gate not in COLD_GATES:
+            raise ValueError(f"cold_gate: expected one of {COLD_GATES}, got {cold_gate!r}")
+        if user_gate not in USER_GATES:
+            raise ValueError(f"user_gate: expected one of {USER_GATES}, got {user_gate!r}")
         if graph_branch != "lightgcn":
             raise ValueError(f"graph_branch: FusedHybridRec supports 'lightgcn' as its full-graph branch, got "
                              f"{graph_branch!r}")
@@ -62,10 +96,18 @@ class FusedHybridRec(Recommender):
             raise ValueError(f"cold_drop: expected a fraction in [0, 1), got {cold_drop}")
         if not 0.0 <= static_weight <= 1.0:
             raise ValueError(f"static_weight: expected a weight in [0, 1], got {static_weight}")
+        if not cold_weight >= 0.0:
+            raise ValueError(f"cold_weight: expected a non-negative loss weight, got {cold_weight}")
+        if not 0.0 < gate_init < 1.0:
+            raise ValueError(f"gate_init: expected a share of the graph branch in (0, 1), got {gate_init}")
         self.graph = graph
         self.num_users, self.num_items = graph.num_users, graph.num_items
         self.fusion, self.num_layers = fusion, num_layers
+        # Per-item-context user vectors only mean something for the learned gate.
+        self.per_context_users = fusion == "gated" and user_gate == "item_context"
+        self.user_gate = user_gate
         self.cold_drop, self.aux_weight, self.static_weight = float(cold_drop), float(aux_weight), float(static_weight)
+        self.cold_weight = float(cold_weight)
         self.register_buffer("content", content)
         self.register_buffer("user_content", user_content)
         self.register_buffer("item_context", graph.item_context.clone())
@@ -76,9 +118,22 @@ class FusedHybridRec(Recommender):
         nn.init.normal_(self.ego.weight, std=init_std)
         cd = content.size(1)
         self.projector = nn.Sequential(nn.Linear(cd, text_hidden), nn.GELU(), nn.Linear(text_hidden, dim))
-        # Gates start at g = 0.5 everywhere (a plain average), so any deviation is learned.
+        # Every gate starts at g = gate_init with zero input weights, i.e. exactly the static mix with
+        # weight gate_init; what the gate learns is the per-context, per-dimension deviation from it.
+        self.gate_init = float(gate_init)
         self.gate_weight = nn.Parameter(torch.zeros(NUM_GATES, 2, dim))
-        self.gate_bias = nn.Parameter(torch.zeros(NUM_GATES, dim))
+        self.gate_bias = nn.Parameter(torch.full((NUM_GATES, dim), math.log(gate_init / (1 - gate_init))))
+        # The gates that score cold items (the cold item gate and, with per-item-context users, the user
+        # gates for cold items): "vector" learns them like the others, "scalar" learns one share per
+        # gate with no inputs, "fixed" keeps them at gate_init (the tuned static weight).
+        self.cold_gate = cold_gate
+        rows = [ITEM_COLD] + ([int(user_gate_ids(torch.tensor(u), ITEM_COLD)) for u in USER_CONTEXT_NAMES]
+                              if self.per_context_users else [])
+        cold_rows = torch.zeros(NUM_GATES, dtype=torch.bool)
+        cold_rows[rows] = True
+        self.register_buffer("cold_rows", cold_rows)
+        self.cold_logit = nn.Parameter(torch.full((NUM_GATES,), math.log(gate_init / (1 - gate_init))),
+                                       requires_grad=cold_gate == "scalar")
 
     # ------------------------------------------------------------------ branches
     def graph_embeddings(self):
@@ -105,12 +160,39 @@ class FusedHybridRec(Recommender):
         if self.fusion == "static":
             a = self.static_weight
             return a * e_graph + (1 - a) * e_text
-        return ops.gated_fusion(e_graph, e_text, gate_ids, self.gate_weight, self.gate_bias + self.fusion_prior)
+        return ops.gated_fusion(e_graph, e_text, gate_ids, *self._gate_params())
+
+    def _gate_params(self):
+        """(gate_weight, gate_bias) as the fusion op sees them: cold rows per ``cold_gate``, plus the prior."""
+        w, b = self.gate_weight, self.gate_bias
+        if self.cold_gate != "vector":
+            keep = (~self.cold_rows).to(w.dtype)
+            w = w * keep[:, None, None]
+            b = torch.where(self.cold_rows[:, None], self.cold_logit[:, None].expand_as(b), b)
+        return w, b + self.fusion_prior
+
+    def _user_ids(self, user_ctx, item_ctx):
+        return user_gate_ids(user_ctx, item_ctx if self.per_context_users else 0)
+
+    def fused_users(self, g_u, t_u, users=None) -> torch.Tensor:
+        """Fused user vectors for ranking: ``[U, d]``, or ``[U, 3d]`` (one block per item context)."""
+        u_ctx = self.user_context if users is None else self.user_context[users]
+        if not self.per_context_users:
+            return self._fuse(g_u, t_u, self._user_ids(u_ctx, 0))
+        return torch.cat([self._fuse(g_u, t_u, self._user_ids(u_ctx, c)) for c in range(NUM_ITEM_CONTEXTS)], 1)
+
+    def fused_items(self, g_i, t_i) -> torch.Tensor:
+        """Fused item vectors for ranking: ``[I, d]``, or ``[I, 3d]`` with the vector in its context's block."""
+        f = self._fuse(g_i, t_i, self.item_context)
+        if not self.per_context_users:
+            return f
+        blocks = torch.nn.functional.one_hot(self.item_context, NUM_ITEM_CONTEXTS).to(f.dtype)
+        return (blocks.unsqueeze(2) * f.unsqueeze(1)).reshape(f.size(0), -1)
 
     def gate_values(self, e_graph, e_text, gate_ids):
         """The gate g per row and dimension (1 = all graph, 0 = all text), for reports and plots."""
         from ..reference import gate_values
-        return gate_values(e_graph, e_text, gate_ids, self.gate_weight, self.gate_bias + self.fusion_prior)
+        return gate_values(e_graph, e_text, gate_ids, *self._gate_params())
 
     # ------------------------------------------------------------------ training
     def loss(self, users, pos, neg, reg_weight: float):
@@ -129,14 +211,22 @@ class FusedHybridRec(Recommender):
                 i_ctx = torch.where(drop, torch.full_like(i_ctx, ITEM_COLD), i_ctx)
         else:
             gu_b = gi_b = None
-        u_ids = self.user_context[users] + USER_GATE_OFFSET
-        if self.fusion in ("gated", "static"):
-            f_u = self._fuse(gu_b, t_u, u_ids)
-            f_i = self._fuse(gi_b, t_i, i_ctx)
-        else:
-            f_u, f_i = (gu_b, gi_b) if self.fusion == "graph" else (t_u, t_i)
         B = users.numel()
-        fp, fn = (f_u * f_i[:B]).sum(-1), (f_u * f_i[B:]).sum(-1)
+        if self.fusion in ("gated", "static"):
+            f_i = self._fuse(gi_b, t_i, i_ctx)
+            u_ctx = self.user_context[users]
+            if self.per_context_users:
+                # The user's vector for the positive and for the negative, each through the user gate of
+                # that item's context (a dropped item counts as cold, so cold simulation trains it too).
+                f_u2 = self._fuse(torch.cat([gu_b, gu_b]), torch.cat([t_u, t_u]),
+                                  self._user_ids(u_ctx.repeat(2), i_ctx))
+                f_up, f_un = f_u2[:B], f_u2[B:]
+            else:
+                f_up = f_un = self._fuse(gu_b, t_u, self._user_ids(u_ctx, 0))
+        else:
+            f_up = f_un = gu_b if self.fusion == "graph" else t_u
+            f_i = gi_b if self.fusion == "graph" else t_i
+        fp, fn = (f_up * f_i[:B]).sum(-1), (f_un * f_i[B:]).sum(-1)
         loss_main = bpr_loss(fp, fn)
         parts = {"bpr": loss_main.detach()}
         total = loss_main
@@ -145,6 +235,17 @@ class FusedHybridRec(Recommender):
             l_t = bpr_loss((t_u * t_i[:B]).sum(-1), (t_u * t_i[B:]).sum(-1))
             total = total + self.aux_weight * (l_g + l_t)
             parts.update(bpr_graph=l_g.detach(), bpr_text=l_t.detach())
+        if self.fusion in ("gated", "static") and self.cold_weight > 0:
+            # Cold-vs-cold ranking, the way cold items are evaluated: both items of every triple
+            # through the cold path (graph embedding dropped, cold item gate, the user's gate for
+            # cold items), so the cold path learns to order cold items among themselves and not only
+            # to lift a dropped item above warm negatives.
+            cold_ctx = torch.full_like(i_ctx, ITEM_COLD)
+            c_i = self._fuse(torch.zeros_like(t_i), t_i, cold_ctx)
+            c_u = self._fuse(gu_b, t_u, self._user_ids(self.user_context[users], ITEM_COLD))
+            l_c = bpr_loss((c_u * c_i[:B]).sum(-1), (c_u * c_i[B:]).sum(-1))
+            total = total + self.cold_weight * l_c
+            parts["bpr_cold"] = l_c.detach()
         if self.fusion != "text":
             w = self.ego.weight
             reg = (w[users].pow(2).sum() + w[self.num_users + pos].pow(2).sum()
@@ -163,8 +264,7 @@ class FusedHybridRec(Recommender):
             out["graph"] = (g_u, g_i)
         out["text"] = (t_u, t_i)
         if self.fusion in ("gated", "static"):
-            out["fused"] = (self._fuse(g_u, t_u, self.user_context + USER_GATE_OFFSET),
-                            self._fuse(g_i, t_i, self.item_context))
+            out["fused"] = (self.fused_users(g_u, t_u), self.fused_items(g_i, t_i))
         return out
 
     def embeddings(self):
@@ -180,16 +280,19 @@ class FusedHybridRec(Recommender):
         g_u, g_i = self.graph_embeddings()
         t_u, t_i = self.text_user(), self.text_item()
         gi = self.gate_values(g_i, t_i, self.item_context).mean(1)
-        gu = self.gate_values(g_u, t_u, self.user_context + USER_GATE_OFFSET).mean(1)
         out = {}
-        for code, name in ((0, "cold"), (1, "head"), (2, "tail")):
+        for code, name in ITEM_CONTEXT_NAMES.items():
             sel = self.item_context == code
             if bool(sel.any()):
                 out[f"gate/item_{name}"] = float(gi[sel].mean())
-        for code, name in ((USER_COLD, "cold"), (1 - USER_COLD, "warm")):
-            sel = self.user_context == code
-            if bool(sel.any()):
-                out[f"gate/user_{name}"] = float(gu[sel].mean())
+        item_ctxs = ITEM_CONTEXT_NAMES.items() if self.per_context_users else [(0, None)]
+        for c, cname in item_ctxs:
+            gu = self.gate_values(g_u, t_u, self._user_ids(self.user_context, c)).mean(1)
+            for code, name in USER_CONTEXT_NAMES.items():
+                sel = self.user_context == code
+                if bool(sel.any()):
+                    key = f"gate/user_{name}" + (f"/item_{cname}" if cname else "")
+                    out[key] = float(gu[sel].mean())
         return out
 
 
@@ -217,4 +320,6 @@ def build(cfg: dict, ds, graph, device) -> FusedHybridRec:
     return FusedHybridRec(graph, content, user_content, graph_branch=cfg["graph_branch"], fusion=cfg["fusion"],
                           dim=cfg["emb_dim"], num_layers=cfg["num_layers"], text_hidden=cfg["text_hidden"],
                           cold_drop=cfg["cold_drop"], aux_weight=cfg["aux_weight"],
-                          static_weight=cfg["static_weight"], init_std=cfg["init_std"])
+                          static_weight=cfg["static_weight"], init_std=cfg["init_std"],
+                          gate_init=cfg["gate_init"], user_gate=cfg["user_gate"],
+                          cold_weight=cfg["cold_weight"], cold_gate=cfg["cold_gate"])
