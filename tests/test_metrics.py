@@ -89,3 +89,28 @@ def test_bad_input_names_argument():
         metrics.evaluate(lambda u: torch.zeros(len(u), 5), torch.tensor([[0, 1]]), 3, 6)
     with pytest.raises(ValueError, match="ks"):
         metrics.evaluate(_score_fn, torch.tensor([[0, 1]]), 3, 6, ks=(0,))
+
+
+def test_per_context_equals_ranking_the_context_alone():
+    """Each per-context metric equals a separate evaluation over only that context's items (float
+    scores, no ties), with contexts of mixed sizes, one smaller than K."""
+    torch.manual_seed(3)
+    U, I = 60, 300
+    ctx = torch.full((I,), 2)
+    ctx[torch.randperm(I)[:12]] = 0      # 12 cold items: fewer than K=20
+    ctx[torch.randperm(I)[:80]] = 1
+    pairs = lambda n: torch.unique(torch.stack([torch.randint(0, U, (n,)), torch.randint(0, I, (n,))], 1), dim=0)
+    train, test = pairs(2000), pairs(900)
+    test = test[~torch.isin(test[:, 0] * I + test[:, 1], train[:, 0] * I + train[:, 1])]
+    scores = torch.randn(U, I)
+    full = metrics.evaluate(lambda u: scores[u], test, U, I, exclude=[train], item_context=ctx, ks=(5, 20))
+    for name, codes in {"cold": (0,), "head": (1,), "tail": (2,), "warm": (1, 2)}.items():
+        items = torch.nonzero(torch.isin(ctx, torch.tensor(codes))).flatten()
+        remap = torch.full((I,), -1)
+        remap[items] = torch.arange(items.numel())
+        keep = lambda p: p[remap[p[:, 1]] >= 0]
+        sub = lambda p: torch.stack([keep(p)[:, 0], remap[keep(p)[:, 1]]], 1)
+        alone = metrics.evaluate(lambda u: scores[u][:, items], sub(test), U, items.numel(), exclude=[sub(train)],
+                         ks=(5, 20))
+        for key in ("recall@20", "ndcg@20", "precision@5", "mrr@20", "hit@5"):
+            assert full[f"{key}/{name}"] == pytest.approx(alone[key], abs=1e-9), (name, key)
