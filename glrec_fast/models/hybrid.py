@@ -1,7 +1,9 @@
 """FusedHybridRec: a graph branch and a language branch, mixed per item by a context-aware gate.
 
 Branches
-  * graph: LightGCN over the training graph (``glrec_fast.ops.propagate``), giving ``g_u, g_i``.
+  * graph: LightGCN over the training graph (``glrec_fast.ops.propagate``), giving ``g_u, g_i``;
+    or, with ``graph_branch="graphsage"``, GraphSAGE trained on sampled neighbourhoods (``fanouts``)
+    for graphs too large to propagate whole every step.
   * text:  frozen content vectors (an LM's item text embeddings; users: the mean of their training
     items' vectors, plus user text where a dataset has it) through a small trainable MLP, ``t_u, t_i``.
 
@@ -56,6 +58,7 @@ USER_GATE_OFFSET = NUM_ITEM_CONTEXTS  # user gate = USER_GATE_OFFSET + NUM_ITEM_
 NUM_GATES = NUM_ITEM_CONTEXTS + NUM_USER_CONTEXTS * NUM_ITEM_CONTEXTS
 FUSIONS = ("gated", "static", "graph", "text")
 USER_GATES = ("item_context", "shared")
+GRAPH_BRANCHES = ("lightgcn", "graphsage")
 COLD_GATES = ("vector", "scalar", "fixed")
 
 
@@ -69,7 +72,8 @@ class FusedHybridRec(Recommender):
                  graph_branch: str = "lightgcn", fusion: str = "gated", dim: int = 64, num_layers: int = 3,
                  text_hidden: int = 128, cold_drop: float = 0.2, aux_weight: float = 0.5,
                  static_weight: float = 0.5, init_std: float = 0.1, gate_init: float = 0.5,
-                 user_gate: str = "item_context", cold_weight: float = 0.0, cold_gate: str = "fixed"):
+                 user_gate: str = "item_context", cold_weight: float = 0.0, cold_gate: str = "fixed",
+                 fanouts=(10, 10), sample_seed: int = 0):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
@@ -77,9 +81,8 @@ class FusedHybridRec(Recommender):
             raise ValueError(f"cold_gate: expected one of {COLD_GATES}, got {cold_gate!r}")
         if user_gate not in USER_GATES:
             raise ValueError(f"user_gate: expected one of {USER_GATES}, got {user_gate!r}")
-        if graph_branch != "lightgcn":
-            raise ValueError(f"graph_branch: FusedHybridRec supports 'lightgcn' as its full-graph branch, got "
-                             f"{graph_branch!r}")
+        if graph_branch not in GRAPH_BRANCHES:
+            raise ValueError(f"graph_branch: expected one of {GRAPH_BRANCHES}, got {graph_branch!r}")
         content = torch.as_tensor(content, dtype=torch.float32)
         if content.dim() != 2 or content.size(0) != graph.num_items:
             raise ValueError(f"content: expected [num_items={graph.num_items}, content_dim], got "
@@ -114,8 +117,16 @@ class FusedHybridRec(Recommender):
         self.register_buffer("user_context", graph.user_context.clone())
         # Grokking monitor's offset on the gate logits (0-dim, positive favours the graph branch).
         self.register_buffer("fusion_prior", torch.zeros(()))
-        self.ego = nn.Embedding(graph.num_nodes, dim)
-        nn.init.normal_(self.ego.weight, std=init_std)
+        self.graph_branch = graph_branch
+        if graph_branch == "graphsage":
+            # Mini-batch graph branch: each BPR batch's users and items are embedded from sampled
+            # neighbourhoods (fanouts per hop); ranking uses GraphSAGE's full-neighbourhood inference.
+            from .graphsage import GraphSAGE
+            self.sage = GraphSAGE(graph, dim, fanouts, init_std, sample_seed=sample_seed)
+            self.ego = self.sage.ego  # the ID table the L2 term and the monitor's weight norm read
+        else:
+            self.ego = nn.Embedding(graph.num_nodes, dim)
+            nn.init.normal_(self.ego.weight, std=init_std)
         cd = content.size(1)
         self.projector = nn.Sequential(nn.Linear(cd, text_hidden), nn.GELU(), nn.Linear(text_hidden, dim))
         # Every gate starts at g = gate_init with zero input weights, i.e. exactly the static mix with
@@ -139,8 +150,11 @@ class FusedHybridRec(Recommender):
     def graph_embeddings(self):
         if self.fusion == "text":
             return None, None
-        out = ops.propagate(self.graph, self.ego.weight, self.num_layers)
-        g_u, g_i = out[: self.num_users], out[self.num_users:]
+        if self.graph_branch == "graphsage":
+            g_u, g_i = self.sage.embeddings()
+        else:
+            out = ops.propagate(self.graph, self.ego.weight, self.num_layers)
+            g_u, g_i = out[: self.num_users], out[self.num_users:]
         # A cold item (no training interaction) has no graph signal: its graph embedding is zero,
         # the same value the cold-start simulation gives dropped warm items.
         cold = (self.item_context == ITEM_COLD).unsqueeze(1)
@@ -195,13 +209,29 @@ class FusedHybridRec(Recommender):
         return gate_values(e_graph, e_text, gate_ids, *self._gate_params())
 
     # ------------------------------------------------------------------ training
-    def loss(self, users, pos, neg, reg_weight: float):
+    def prefetch(self, users, pos, neg):
+        """Sample the next batch's neighbourhoods on a worker thread (GraphSAGE branch only)."""
+        if self.graph_branch == "graphsage" and self.fusion != "text":
+            self.sage.prefetch(users, pos, neg)
+
+    def _graph_batch(self, users, items):
+        """Graph-branch vectors of a batch's users and items (cold items zero)."""
+        if self.graph_branch == "graphsage":
+            B = users.numel()
+            blocks = self.sage.blocks_for(users, items[:B], items[B:])
+            h = self.sage.sampled_embeddings(blocks)[blocks.seed_local]
+            gu_b, gi_b = h[:B], h[B:]
+            cold = (self.item_context[items] == ITEM_COLD).unsqueeze(1)
+            return gu_b, gi_b.masked_fill(cold, 0.0)
         g_u, g_i = self.graph_embeddings()
+        return g_u[users], g_i[items]
+
+    def loss(self, users, pos, neg, reg_weight: float):
         items = torch.cat([pos, neg])
         t_u, t_i = self.text_user(users), self.text_item(items)
         i_ctx = self.item_context[items]
-        if g_i is not None:
-            gu_b, gi_b = g_u[users], g_i[items]
+        if self.fusion != "text":
+            gu_b, gi_b = self._graph_batch(users, items)
             if self.training and self.cold_drop > 0:
                 # Cold-start simulation: drop the graph embedding of a random fraction of warm items
                 # (the same items for every occurrence in this batch) and route them to the cold gate.
@@ -322,4 +352,5 @@ def build(cfg: dict, ds, graph, device) -> FusedHybridRec:
                           cold_drop=cfg["cold_drop"], aux_weight=cfg["aux_weight"],
                           static_weight=cfg["static_weight"], init_std=cfg["init_std"],
                           gate_init=cfg["gate_init"], user_gate=cfg["user_gate"],
-                          cold_weight=cfg["cold_weight"], cold_gate=cfg["cold_gate"])
+                          cold_weight=cfg["cold_weight"], cold_gate=cfg["cold_gate"], fanouts=cfg["fanouts"],
+                          sample_seed=cfg["seed"])
