@@ -206,3 +206,20 @@ def test_cli_hybrid_with_graphsage_branch(tmp_path):
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["recall@20"] > 0.2  # random: about 20/150
+
+
+def test_gate_reg_pulls_gates_toward_their_start():
+    g, m = _model(gate_init=0.75, gate_reg=0.1)
+    users, pos, neg = torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])
+    m.train()
+    _, parts = m.loss(users, pos, neg, 0.0)
+    assert float(parts["gate_reg"]) == pytest.approx(0.0, abs=1e-10)  # at the start: no pull
+    with torch.no_grad():
+        m.gate_bias[1] += 0.5
+    loss, parts = m.loss(users, pos, neg, 0.0)
+    assert float(parts["gate_reg"]) == pytest.approx(0.25 * m.gate_bias.size(1), rel=1e-5)
+    m.zero_grad()
+    loss.backward()
+    assert torch.all(m.gate_bias.grad[1] > 0)  # gradient descent moves the bias back down
+    with pytest.raises(ValueError, match="gate_reg"):
+        _model(gate_reg=-1.0)

@@ -75,7 +75,7 @@ class FusedHybridRec(Recommender):
                  text_hidden: int = 128, cold_drop: float = 0.2, aux_weight: float = 0.5,
                  static_weight: float = 0.5, init_std: float = 0.1, gate_init: float = 0.5,
                  user_gate: str = "item_context", cold_weight: float = 0.0, cold_gate: str = "fixed",
-                 fanouts=(10, 10), sample_seed: int = 0):
+                 fanouts=(10, 10), sample_seed: int = 0, gate_reg: float = 0.0):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
@@ -113,6 +113,9 @@ class FusedHybridRec(Recommender):
         self.user_gate = user_gate
         self.cold_drop, self.aux_weight, self.static_weight = float(cold_drop), float(aux_weight), float(static_weight)
         self.cold_weight = float(cold_weight)
+        if not gate_reg >= 0.0:
+            raise ValueError(f"gate_reg: expected a non-negative weight, got {gate_reg}")
+        self.gate_reg = float(gate_reg)
         self.register_buffer("content", content)
         self.register_buffer("user_content", user_content)
         self.register_buffer("item_context", graph.item_context.clone())
@@ -278,6 +281,13 @@ class FusedHybridRec(Recommender):
             l_c = bpr_loss((c_u * c_i[:B]).sum(-1), (c_u * c_i[B:]).sum(-1))
             total = total + self.cold_weight * l_c
             parts["bpr_cold"] = l_c.detach()
+        if self.fusion == "gated" and self.gate_reg > 0:
+            # L2 pull of every gate toward its start (the static mix at gate_init): the gate may move
+            # only as far as the data keeps paying for it.
+            start = math.log(self.gate_init / (1 - self.gate_init))
+            g_reg = self.gate_weight.pow(2).sum() + (self.gate_bias - start).pow(2).sum()
+            total = total + self.gate_reg * g_reg
+            parts["gate_reg"] = g_reg.detach()
         if self.fusion != "text":
             w = self.ego.weight
             reg = (w[users].pow(2).sum() + w[self.num_users + pos].pow(2).sum()
@@ -355,4 +365,4 @@ def build(cfg: dict, ds, graph, device) -> FusedHybridRec:
                           static_weight=cfg["static_weight"], init_std=cfg["init_std"],
                           gate_init=cfg["gate_init"], user_gate=cfg["user_gate"],
                           cold_weight=cfg["cold_weight"], cold_gate=cfg["cold_gate"], fanouts=cfg["fanouts"],
-                          sample_seed=cfg["seed"])
+                          sample_seed=cfg["seed"], gate_reg=cfg["gate_reg"])
