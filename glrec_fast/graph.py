@@ -116,14 +116,22 @@ class BipartiteGraph:
         return cache[key]
 
     def to(self, device) -> "BipartiteGraph":
-        """A copy with every tensor on ``device``."""
+        """The graph with every tensor on ``device``: itself when already there, otherwise one copy
+        per device, kept, so every holder (a model, its GraphSAGE branch, the training loop) that
+        moves the same graph shares one copy instead of each making its own."""
         device = torch.device(device)
-        new = object.__new__(BipartiteGraph)
-        for k, v in self.__dict__.items():
-            if k == "_cache":
-                continue
-            new.__dict__[k] = v.to(device) if isinstance(v, torch.Tensor) else v
-        return new
+        if device == self.rowptr.device:
+            return self
+        cache = self.__dict__.setdefault("_cache", {})
+        key = ("to", str(device))
+        if key not in cache:
+            new = object.__new__(BipartiteGraph)
+            for k, v in self.__dict__.items():
+                if k == "_cache":
+                    continue
+                new.__dict__[k] = v.to(device) if isinstance(v, torch.Tensor) else v
+            cache[key] = new
+        return cache[key]
 
     def __repr__(self) -> str:
         return (f"BipartiteGraph(num_users={self.num_users}, num_items={self.num_items}, "

@@ -46,3 +46,11 @@ def test_bad_edges_name_the_argument():
         BipartiteGraph.from_interactions(torch.tensor([0, 1, 2]), 2, 3)
     with pytest.raises(ValueError, match="integer"):
         BipartiteGraph.from_interactions(torch.tensor([[0.0, 1.0]]), 2, 3)
+
+
+def test_to_returns_one_shared_copy_per_device():
+    g = BipartiteGraph.from_interactions(torch.tensor([[0, 0], [1, 2], [2, 1]]), 3, 4)
+    assert g.to("cpu") is g
+    m1, m2 = g.to("meta"), g.to("meta")
+    assert m1 is m2 and m1.rowptr.device.type == "meta" and m1.num_items == 4
+    assert g.rowptr.device.type == "cpu"  # the original stays where it was

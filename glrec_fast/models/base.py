@@ -26,9 +26,9 @@ class Recommender(nn.Module):
         # parameters' device, so .to(device) moves the graph too and its kernels run there.
         out = super()._apply(fn, *args, **kwargs)
         graph = self.__dict__.get("graph")
-        params = list(self.parameters())
-        if graph is not None and params and graph.device != params[0].device:
-            self.graph = graph.to(params[0].device)
+        p = next(self.parameters(), None)
+        if graph is not None and p is not None and graph.device != p.device:
+            self.graph = graph.to(p.device)
         return out
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
