@@ -223,3 +223,11 @@ def test_gate_reg_pulls_gates_toward_their_start():
     assert torch.all(m.gate_bias.grad[1] > 0)  # gradient descent moves the bias back down
     with pytest.raises(ValueError, match="gate_reg"):
         _model(gate_reg=-1.0)
+
+
+def test_moving_the_model_moves_one_graph():
+    """The hybrid and its GraphSAGE branch hold the same graph; .to() must leave them sharing one copy."""
+    g, m = _model(graph_branch="graphsage", fanouts=[3, 3])
+    assert m.graph is m.sage.graph
+    m = m.to("meta")
+    assert m.graph.rowptr.device.type == "meta" and m.graph is m.sage.graph
