@@ -113,7 +113,7 @@ def merge(args) -> int:
     first = parts[0]["args"]
     for p, part in zip(args.merge, parts):
         for k in ("dataset", "split", "encoder", "epochs", "lr", "batch_size", "patience", "static_grid",
-                  "synthetic_interactions"):
+                  "synthetic_interactions", "synthetic_users", "synthetic_items", "variants"):
             if part["args"].get(k) != first.get(k):
                 raise SystemExit(f"--merge: {p} was run with {k}={part['args'].get(k)!r}, "
                                  f"{args.merge[0]} with {first.get(k)!r}")

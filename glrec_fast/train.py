@@ -260,6 +260,8 @@ def train(cfg: dict, callbacks=()) -> dict:
                      cfg["patience"], state["best"], state["best_epoch"])
             break
 
+    if tb is not None:
+        tb.close()
     # Final report with the best model (by valid ndcg@20) or the last one when there is no valid split.
     if best_export is None:
         best_export = _export(model, ds, cfg, state["epoch"], {})

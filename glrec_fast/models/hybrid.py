@@ -64,7 +64,7 @@ GRAPH_BRANCHES = ("lightgcn", "graphsage")
 COLD_GATES = ("vector", "scalar", "fixed")
 
 
-def user_gate_ids(user_ctx: torch.Tensor, item_ctx: torch.Tensor | int) -> torch.Tensor:
+def user_gate_ids(user_ctx: torch.Tensor | int, item_ctx: torch.Tensor | int) -> torch.Tensor | int:
     """Row of the gate table for users of context ``user_ctx`` scoring items of context ``item_ctx``."""
     return USER_GATE_OFFSET + NUM_ITEM_CONTEXTS * user_ctx + item_ctx
 
@@ -137,18 +137,19 @@ class FusedHybridRec(Recommender):
         # Every gate starts at g = gate_init with zero input weights, i.e. exactly the static mix with
         # weight gate_init; what the gate learns is the per-context, per-dimension deviation from it.
         self.gate_init = float(gate_init)
+        self.gate_start_logit = math.log(gate_init / (1 - gate_init))
         self.gate_weight = nn.Parameter(torch.zeros(NUM_GATES, 2, dim))
-        self.gate_bias = nn.Parameter(torch.full((NUM_GATES, dim), math.log(gate_init / (1 - gate_init))))
+        self.gate_bias = nn.Parameter(torch.full((NUM_GATES, dim), self.gate_start_logit))
         # The gates that score cold items (the cold item gate and, with per-item-context users, the user
         # gates for cold items): "vector" learns them like the others, "scalar" learns one share per
         # gate with no inputs, "fixed" keeps them at gate_init (the tuned static weight).
         self.cold_gate = cold_gate
-        rows = [ITEM_COLD] + ([int(user_gate_ids(torch.tensor(u), ITEM_COLD)) for u in USER_CONTEXT_NAMES]
+        rows = [ITEM_COLD] + ([user_gate_ids(u, ITEM_COLD) for u in USER_CONTEXT_NAMES]
                               if self.per_context_users else [])
         cold_rows = torch.zeros(NUM_GATES, dtype=torch.bool)
         cold_rows[rows] = True
         self.register_buffer("cold_rows", cold_rows)
-        self.cold_logit = nn.Parameter(torch.full((NUM_GATES,), math.log(gate_init / (1 - gate_init))),
+        self.cold_logit = nn.Parameter(torch.full((NUM_GATES,), self.gate_start_logit),
                                        requires_grad=cold_gate == "scalar")
 
     # ------------------------------------------------------------------ branches
@@ -193,9 +194,9 @@ class FusedHybridRec(Recommender):
     def _user_ids(self, user_ctx, item_ctx):
         return user_gate_ids(user_ctx, item_ctx if self.per_context_users else 0)
 
-    def fused_users(self, g_u, t_u, users=None) -> torch.Tensor:
+    def fused_users(self, g_u, t_u) -> torch.Tensor:
         """Fused user vectors for ranking: ``[U, d]``, or ``[U, 3d]`` (one block per item context)."""
-        u_ctx = self.user_context if users is None else self.user_context[users]
+        u_ctx = self.user_context
         if not self.per_context_users:
             return self._fuse(g_u, t_u, self._user_ids(u_ctx, 0))
         return torch.cat([self._fuse(g_u, t_u, self._user_ids(u_ctx, c)) for c in range(NUM_ITEM_CONTEXTS)], 1)
@@ -284,8 +285,7 @@ class FusedHybridRec(Recommender):
         if self.fusion == "gated" and self.gate_reg > 0:
             # L2 pull of every gate toward its start (the static mix at gate_init): the gate may move
             # only as far as the data keeps paying for it.
-            start = math.log(self.gate_init / (1 - self.gate_init))
-            g_reg = self.gate_weight.pow(2).sum() + (self.gate_bias - start).pow(2).sum()
+            g_reg = self.gate_weight.pow(2).sum() + (self.gate_bias - self.gate_start_logit).pow(2).sum()
             total = total + self.gate_reg * g_reg
             parts["gate_reg"] = g_reg.detach()
         if self.fusion != "text":
