@@ -16,6 +16,7 @@ import os
 import torch
 
 from .grokking import GrokkingMonitor
+from .metrics import _batch_mask, _csr_of_pairs
 
 log = logging.getLogger("glrec_fast.train")
 
@@ -38,8 +39,8 @@ class GrokkingCallback:
         gen = torch.Generator().manual_seed(self.seed)
         users = users[torch.randperm(users.numel(), generator=gen)[: self.sample_users]].sort().values
         self.users = users.to(device)
-        self.truth = _dense(pairs, users, ds.num_items).to(device)
-        self.seen = _dense(ds.train, users, ds.num_items).to(device)
+        self.truth = _batch_mask(*_csr_of_pairs(pairs, ds.num_users), users, ds.num_items, device)
+        self.seen = _batch_mask(*_csr_of_pairs(ds.train, ds.num_users), users, ds.num_items, device)
         self.n_rel = self.truth.sum(1).clamp(min=1)
         k = min(20, ds.num_items)
         disc = 1.0 / torch.log2(torch.arange(k, dtype=torch.float32) + 2.0)
@@ -86,11 +87,11 @@ class GrokkingCallback:
         if hasattr(m, "ego") and "graph" in self.branches:
             wn["graph"] = m.ego.weight.norm()
         if hasattr(m, "projector") and "text" in self.branches:
-            wn["text"] = torch.sqrt(sum(p.pow(2).sum() for p in m.projector.parameters()))
+            wn["text"] = torch.nn.utils.get_total_norm(list(m.projector.parameters()))
         if hasattr(m, "gate_weight") and "fused" in self.branches:
             wn["fused"] = torch.sqrt(m.gate_weight.pow(2).sum() + m.gate_bias.pow(2).sum())
         if "model" in self.branches:
-            wn["model"] = torch.sqrt(sum(p.pow(2).sum() for p in m.parameters()))
+            wn["model"] = torch.nn.utils.get_total_norm(list(m.parameters()))
         self.mon.observe(step, train_loss=train_loss, val_metric=val, weight_norm=wn or None)
         if self.respond and hasattr(m, "fusion_prior") and {"graph", "text"} <= set(self.branches):
             m.fusion_prior.copy_(self.mon.gate_logit_offset("graph", "text"))
@@ -142,13 +143,3 @@ class GrokkingCallback:
         return {"grokking": {"events": events, "branches": self.branches, "observations": len(hist["step"]),
                              "plot": path, "final_prior": self.mon.fusion_prior.cpu().tolist()}}
 
-
-def _dense(pairs: torch.Tensor, users: torch.Tensor, num_items: int) -> torch.Tensor:
-    """Bool [len(users), num_items] marking each (user, item) of ``pairs`` for the sampled users."""
-    pos = torch.full((int(pairs[:, 0].max()) + 1 if pairs.numel() else 1,), -1, dtype=torch.long)
-    pos[users[users < pos.numel()]] = torch.arange(users.numel())[users < pos.numel()]
-    rows = pos[pairs[:, 0]]
-    keep = rows >= 0
-    out = torch.zeros(users.numel(), num_items, dtype=torch.bool)
-    out[rows[keep], pairs[keep, 1]] = True
-    return out

@@ -128,3 +128,30 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
         checkpoint.save({"a": Boom()}, p)
     assert torch.equal(checkpoint.load(p)["a"], torch.ones(3))  # old file intact
     assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]     # no temp file left
+
+
+def test_monitor_ndcg_equals_the_full_evaluation_on_its_sample():
+    """The grokking callback's on-device NDCG@20 (fixed validation sample, training items masked) is
+    the same number metrics.evaluate gives for those users."""
+    need_dataset("ml-100k")
+    from glrec_fast import config
+    from glrec_fast.data import load_dataset
+    from glrec_fast.graph import BipartiteGraph
+    from glrec_fast.metrics import evaluate
+    from glrec_fast.models.mf import MF
+    from glrec_fast.monitoring import GrokkingCallback
+    ds = load_dataset("ml-100k", split="random", seed=0)
+    graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    torch.manual_seed(0)
+    model = MF(ds.num_users, ds.num_items, 16, 0.1)
+    cfg = config.resolve([], overrides={"grok_sample_users": 100})
+    cb = GrokkingCallback(cfg)
+    cb.on_start(model=model, ds=ds, graph=graph, cfg=cfg, device=torch.device("cpu"))
+    with torch.no_grad():
+        u, i = model.embeddings()
+        mask = torch.isin(ds.valid[:, 0], cb.users)
+        want = evaluate(lambda us: u[us] @ i.T, ds.valid[mask], ds.num_users, ds.num_items,
+                        exclude=[ds.train], ks=[20])["ndcg@20"]
+        got = float(cb._ndcg(u, i))
+    assert cb.users.numel() == 100
+    assert got == pytest.approx(want, rel=1e-5)
