@@ -310,7 +310,12 @@ def test_compiled_kernel_matches_reference():
             for backend in ("reference", "auto"):
                 with pytest.MonkeyPatch.context() as mp:
                     mp.setenv("GLREC_BACKEND", backend)
-                    mon = GrokkingMonitor([f"b{i}" for i in range(5)], window=7, max_events=8, dtype=dtype)
+                    # Every setting distinct, so a swapped slot in the kernel's config list changes the result.
+                    mon = GrokkingMonitor([f"b{i}" for i in range(5)], window=7, patience=5, refractory=3,
+                                          ema_alpha=0.35, fit_ratio=0.6, flat_tol=0.07, drift_sigmas=0.4,
+                                          jump_sigmas=3.5, threshold_sigmas=9.0, weight_norm_tol=0.02,
+                                          weight_norm_discount=0.7, prior_step=0.3, prior_bound=1.7,
+                                          max_events=8, dtype=dtype)
                     feed(mon, train, val, wn)
                     mons.append(mon)
             ref, ker = mons
@@ -413,6 +418,7 @@ def test_to_float64_gives_the_same_events():
     assert m64.state.dtype == torch.float64 and m64.fusion_prior.dtype == torch.float64
     feed(m32, train, val, wn)
     feed(m64, train, val, wn)
+    assert m32.events()  # the comparison below must not be [] == []
     assert [(e["step"], e["branch"], e["kind"]) for e in m32.events()] == \
            [(e["step"], e["branch"], e["kind"]) for e in m64.events()]
 
@@ -446,7 +452,17 @@ def test_history_records_every_call():
 
 
 def test_state_rows_are_documented_in_order():
-    assert len(STATE_ROWS) == GrokkingMonitor(["a"]).state.size(0)
+    """STATE_ROWS names what each state row holds: check rows by name after a run."""
+    n = 150
+    val = [0.1 if t < 100 else 0.6 for t in range(n)]
+    mon = GrokkingMonitor(["a"])
+    events = run(mon, [fit_loss(t) for t in range(n)], {"a": val})
+    assert events and len(STATE_ROWS) == mon.state.size(0)
+    row = {name: i for i, name in enumerate(STATE_ROWS)}
+    assert float(mon.state[row["train_init"], 0]) == pytest.approx(fit_loss(0), rel=1e-6)
+    assert float(mon.state[row["seen_val"], 0]) == n
+    assert float(mon.state[row["val_last"], 0]) == pytest.approx(0.6)
+    assert float(mon.state[row["fusion_prior"], 0]) == pytest.approx(events[-1]["prior"])
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -251,6 +251,8 @@ def test_kernel_called_directly_checks_dtype_and_fanout():
         torch.ops.glrec.neighbor_sample(rp, col, torch.tensor([0]), [1, -3], False, 0)
 
 
+@pytest.mark.skipif(gl.ops.KERNELS["neighbor_sample"]["CPU"] != "C++ (_C)",
+                    reason="compiled CPU sampler not built: the child would only exercise the reference")
 def test_error_path_does_not_crash_the_process():
     # In a child process, so that a crash while raising from the C++ kernels fails this one test
     # with the child's stderr instead of killing the whole run (seen once, on an H100 image with a
@@ -265,8 +267,8 @@ def test_error_path_does_not_crash_the_process():
                 try:
                     gl.ops.neighbor_sample(r.to(dev), c.to(dev), s.to(dev), [2, 2])
                     print("no error", dev)
-                except ValueError:
-                    print("ValueError", dev, flush=True)
+                except ValueError as e:
+                    print("ValueError", dev, str(e).splitlines()[0], flush=True)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
@@ -274,6 +276,9 @@ def test_error_path_does_not_crash_the_process():
     assert r.returncode == 0, f"child exited with {r.returncode}:\n{r.stdout}\n{r.stderr[-3000:]}"
     devs = 2 if HAS_CUDA else 1
     assert r.stdout.count("ValueError") == 3 * devs, r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("ValueError cpu")]
+    for line, name in zip(lines, ("rowptr", "col", "seeds")):  # each error names the offending argument
+        assert name in line, r.stdout
 
 
 # --------------------------------------------------------------------------- CUDA
