@@ -479,8 +479,12 @@ def _dedup(edges: np.ndarray, num_items: int, where: str, stats: dict) -> np.nda
 
 def build_dataset(name: str, parts: dict[str, Part], split: str, seed: int = 0, *, ratios=_splits.DEFAULT_RATIOS,
                   cold_fraction: float = 0.2, on_unseen: str = "error", item_table: AtomicTable | None = None,
-                  user_table: AtomicTable | None = None, cold_items=None) -> Dataset:
-    """Parts (``{"train": ..., "test": ...}`` for a given split, or ``{"all": ...}``) -> Dataset."""
+                  user_table: AtomicTable | None = None, cold_items=None, valid_fraction: float = 0.0) -> Dataset:
+    """Parts (``{"train": ..., "test": ...}`` for a given split, or ``{"all": ...}``) -> Dataset.
+
+    ``valid_fraction`` (given split without a valid file): carve that fraction of each user's
+    training interactions out as a seeded validation set (``splits.carve_valid``).
+    """
     if split not in _splits.SPLITS:
         raise DataError(f"split={split!r}: expected one of {', '.join(_splits.SPLITS)}")
     if on_unseen not in ("error", "drop"):
@@ -550,6 +554,15 @@ def build_dataset(name: str, parts: dict[str, Part], split: str, seed: int = 0, 
                 else:
                     test = e[~dup]
         seed_out = None
+        if valid_fraction:
+            if "valid" in parts:
+                raise DataError(f"valid_fraction={valid_fraction!r}: dataset {name!r} ships its own valid split "
+                                f"({parts['valid'].path}); carve a validation set only from a train/test split")
+            train, valid = _splits.carve_valid(train, num_users, valid_fraction, rng)
+            seed_out = seed
+    elif valid_fraction:
+        raise DataError(f"valid_fraction={valid_fraction!r}: only the given split carves a validation set; "
+                        f"split={split!r} makes its own (see ratios)")
     else:
         allv = np.concatenate(list(edges.values()))
         if len(edges) > 1:

@@ -26,7 +26,7 @@ KNOWN = {
     "ml-100k": ("ml-100k", ("ml-100k.inter", "ml-100k.item", "ml-100k.user"), "random", "atomic"),
 }
 ALIASES = {"ml100k": "ml-100k", "movielens-100k": "ml-100k"}
-_SPLIT_KW = ("ratios", "cold_fraction", "on_unseen")
+_SPLIT_KW = ("ratios", "cold_fraction", "on_unseen", "valid_fraction")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> tuple[str, str]:
@@ -65,7 +65,8 @@ def load_dataset(name_or_path="synthetic", split: str | None = None, seed: int =
 
     ``kwargs``: for "synthetic", make_synthetic's arguments; for files, split options ``ratios``
     (train, valid, test fractions, default (0.8, 0.1, 0.1)), ``cold_fraction`` (default 0.2) and
-    ``on_unseen`` ("error" default, or "drop": the given split's unseen test users/items).
+    ``on_unseen`` ("error" default, or "drop": the given split's unseen test users/items) and
+    ``valid_fraction`` (given split: carve a seeded validation set out of train, default 0 = none).
     A name that is not built in is also looked up as a folder under the data folder.
     """
     if isinstance(name_or_path, Mapping) or (hasattr(name_or_path, "columns")

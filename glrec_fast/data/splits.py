@@ -16,6 +16,11 @@ and seed give the same split (numpy's PCG64 ``default_rng``). Every part comes b
   item), so a cold item with at least two interactions is cold in both valid and test. The warm
   interactions are split per user like ``random``. Do not merge valid into train before testing:
   that would warm up the test's cold items.
+
+A dataset that ships only train/test (Gowalla) gets its validation set from ``carve_valid``: a
+seeded ``valid_fraction`` of each user's *training* interactions (the per-user rule of ``random``),
+so tuning never sees a test interaction. Tune on (train - valid, valid), then fit on the full train
+with the chosen settings and read test once.
 """
 from __future__ import annotations
 
@@ -86,6 +91,18 @@ def split_random(edges: np.ndarray, num_users: int, num_items: int, ratios=DEFAU
     edges = sort_edges(edges, num_items)
     labels = random_labels(edges[:, 0], num_users, ratios, rng)
     return tuple(edges[labels == k] for k in (0, 1, 2))
+
+
+def carve_valid(train: np.ndarray, num_users: int, valid_fraction: float,
+                rng: np.random.Generator | int = 0):
+    """(train - valid, valid): ``round(valid_fraction * n)`` of each user's n training interactions
+    (half rounds up) go to valid, uniformly at random; a user always keeps one in train."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise DataError(f"valid_fraction: expected a fraction in (0, 1), got {valid_fraction!r}")
+    rng = np.random.default_rng(rng)
+    train = np.asarray(train, dtype=np.int64).reshape(-1, 2)
+    labels = random_labels(train[:, 0], num_users, (1.0 - valid_fraction, valid_fraction, 0.0), rng)
+    return train[labels == 0], train[labels == 1]
 
 
 def choose_cold_items(edges: np.ndarray, num_items: int, cold_fraction: float,
