@@ -139,3 +139,76 @@ def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor
         eids_out.append(eids)
         begin, end = end, nodes.numel()
     return nodes_out, rows_out, cols_out, eids_out
+
+
+# --------------------------------------------------------------------------- graph filters
+def graph_filter_dense(train: torch.Tensor, num_users: int, num_items: int, v: torch.Tensor,
+                       ideal_weight: float, poly) -> torch.Tensor:
+    """GF-CF / BSPM scores of every user as dense matrices, written straight from the formulas
+    (for small graphs only): ``(R P + w R D^-1/2 V V^T D^1/2) p(P)``, ``P = R~^T R~``,
+    ``p(P) = sum_j poly[j] P^j``; ``v`` [I, K] are the right singular vectors in use."""
+    r = torch.zeros(num_users, num_items, dtype=torch.float64)
+    r[train[:, 0], train[:, 1]] = 1.0
+    du, di = r.sum(1), r.sum(0)
+    du_m = torch.where(du > 0, du.rsqrt(), torch.zeros_like(du))
+    di_m = torch.where(di > 0, di.rsqrt(), torch.zeros_like(di))
+    rn = du_m[:, None] * r * di_m[None, :]
+    p = rn.T @ rn
+    v = v.double()
+    ideal = torch.diag(di_m) @ v @ v.T @ torch.diag(di.sqrt())
+    poly_p = sum(c * torch.linalg.matrix_power(p, j) for j, c in enumerate(poly))
+    return (r @ p + ideal_weight * r @ ideal) @ poly_p
+
+
+# --------------------------------------------------------------------------- full-ranking metrics
+def _dense_pair_mask(pairs: torch.Tensor, users: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Dense bool [len(users), num_items]: True at each (user, item) of ``pairs`` for those users."""
+    row_of = torch.full((int(pairs[:, 0].max()) + 1 if pairs.numel() else 1,), -1, dtype=torch.long)
+    row_of[users[users < row_of.numel()]] = torch.arange(users.numel())[users < row_of.numel()]
+    mask = torch.zeros((users.numel(), num_items), dtype=torch.bool)
+    if pairs.numel():
+        rows = row_of[pairs[:, 0]]
+        keep = rows >= 0
+        mask[rows[keep], pairs[keep, 1]] = True
+    return mask
+
+
+@torch.no_grad()
+def evaluate(score_fn, test: torch.Tensor, num_users: int, num_items: int, exclude=(), ks=(10, 20),
+             item_context: torch.Tensor | None = None) -> dict:
+    """``metrics.evaluate`` written the plain way (dense masks, one full-width top-k per context over
+    every test user at once, small inputs only): the ground truth for its tests."""
+    import math
+
+    from .metrics import CONTEXTS, METRICS
+    ks = sorted({int(k) for k in ks})
+    users = torch.unique(test[:, 0])
+    scores = score_fn(users).float().clone()
+    for p in exclude:
+        scores.masked_fill_(_dense_pair_mask(p, users, num_items), -math.inf)
+    truth = _dense_pair_mask(test, users, num_items)
+    contexts = {"": torch.ones(num_items, dtype=torch.bool)}
+    if item_context is not None:
+        for name, codes in CONTEXTS.items():
+            contexts["/" + name] = torch.isin(item_context, torch.tensor(codes))
+    out = {}
+    for cname, in_ctx in contexts.items():
+        n_rel = (truth & in_ctx).sum(1)
+        has = n_rel > 0
+        ranked = scores.masked_fill(~in_ctx, -math.inf)
+        kc = min(ks[-1], int(in_ctx.sum()))
+        top = torch.topk(ranked, kc, dim=1).indices if kc else torch.zeros(users.numel(), 0, dtype=torch.long)
+        hits = (truth & in_ctx).gather(1, top).double()
+        for k in ks:
+            h = hits[:, :k]
+            nh = h.sum(1)
+            disc = 1.0 / torch.log2(torch.arange(h.size(1), dtype=torch.float64) + 2.0)
+            idcg = torch.tensor([sum(1.0 / math.log2(j + 2) for j in range(min(int(n), k))) for n in n_rel],
+                                dtype=torch.float64)
+            first = torch.where(h.any(1), h.argmax(1).double() + 1.0, torch.full_like(nh, math.inf))
+            vals = {"recall": nh / n_rel.clamp(min=1), "precision": nh / k, "ndcg": (h * disc).sum(1) / idcg.clamp(min=1e-12),
+                    "hit": (nh > 0).double(), "mrr": 1.0 / first}
+            for m in METRICS:
+                out[f"{m}@{k}{cname}"] = float(vals[m][has].mean()) if bool(has.any()) else float("nan")
+        out["n_users" + cname] = int(has.sum())
+    return out

@@ -114,3 +114,29 @@ def test_per_context_equals_ranking_the_context_alone():
                          ks=(5, 20))
         for key in ("recall@20", "ndcg@20", "precision@5", "mrr@20", "hit@5"):
             assert full[f"{key}/{name}"] == pytest.approx(alone[key], abs=1e-9), (name, key)
+
+
+@pytest.mark.parametrize("reorder", [False, True])
+def test_equals_dense_reference(reorder):
+    """The batched, index-masked, merged-top-k evaluation equals reference.evaluate (dense masks,
+    one full-width top-k per context) on every key, through a plain score function and through
+    an EmbeddingScorer whose item table is permuted instead of each tile."""
+    from glrec_fast import reference
+    torch.manual_seed(5)
+    U, I = 71, 257
+    ctx = torch.full((I,), ITEM_TAIL)
+    ctx[torch.randperm(I)[:9]] = ITEM_COLD
+    ctx[torch.randperm(I)[:50]] = ITEM_HEAD
+    pairs = lambda n: torch.unique(torch.stack([torch.randint(0, U, (n,)), torch.randint(0, I, (n,))], 1), dim=0)
+    train, valid, test = pairs(1500), pairs(300), pairs(700)
+    key = lambda p: p[:, 0] * I + p[:, 1]
+    valid = valid[~torch.isin(key(valid), key(train))]
+    test = test[~torch.isin(key(test), torch.cat([key(train), key(valid)]))]
+    eu, ei = torch.randn(U, 8), torch.randn(I, 8)
+    fn = metrics.EmbeddingScorer(eu, ei) if reorder else (lambda u: eu[u] @ ei.T)
+    got = metrics.evaluate(fn, test, U, I, exclude=[train, valid], ks=(5, 20), item_context=ctx, batch_size=16)
+    want = reference.evaluate(lambda u: eu[u] @ ei.T, test, U, I, exclude=[train, valid], ks=(5, 20),
+                              item_context=ctx)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k

@@ -20,6 +20,8 @@ class Recommender(nn.Module):
 
     num_users: int
     num_items: int
+    trainable = True
+    cosine = False   # rank by cosine similarity (set when training with the sampled softmax)
 
     def _apply(self, fn, *args, **kwargs):
         # A model that holds a BipartiteGraph (not a parameter or buffer) keeps it on the
@@ -49,6 +51,20 @@ class Recommender(nn.Module):
         bpr = bpr_loss(ps, ns)
         return bpr + reg_weight * reg, {"bpr": bpr.detach(), "reg": reg.detach()}
 
+    def softmax_loss(self, users, pos, negs, temperature: float, reg_weight: float) -> tuple[torch.Tensor, dict]:
+        """``losses.sampled_softmax`` of each (user, positive) against the shared negatives ``negs``."""
+        from .losses import sampled_softmax
+        u_emb, i_emb = self.embeddings()
+        sm = sampled_softmax(u_emb[users], i_emb[pos], i_emb[negs], pos, negs, temperature)
+        reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, pos[:0])) / (2 * users.numel())
+        return sm + reg_weight * reg, {"softmax": sm.detach(), "reg": reg.detach()}
+
+    @torch.no_grad()
+    def init_spectral(self, user: torch.Tensor, item: torch.Tensor, std: float) -> None:
+        """Start the embedding tables at ``(user, item)`` (``losses.spectral_embeddings``), scaled so
+        that their entries have standard deviation ``std`` like the random initialisation."""
+        raise NotImplementedError(f"{type(self).__name__}: spectral initialisation is not supported")
+
     @torch.no_grad()
     def export(self) -> dict[str, torch.Tensor]:
         """Final embeddings for ranking (what a checkpoint keeps for ``recommend``)."""
@@ -56,12 +72,14 @@ class Recommender(nn.Module):
         self.eval()
         u, i = self.embeddings()
         self.train(was)
+        if self.cosine:
+            u, i = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(i, dim=-1)
         return {"user_emb": u.detach().float().cpu(), "item_emb": i.detach().float().cpu()}
 
     @torch.no_grad()
     def scorer(self):
-        """A ``users -> [len(users), num_items]`` function with embeddings computed once."""
+        """A ``users -> [len(users), num_items]`` scorer with embeddings computed once."""
+        from ..metrics import EmbeddingScorer
         ex = self.export()
         dev = next(self.parameters()).device
-        u, i = ex["user_emb"].to(dev), ex["item_emb"].to(dev)
-        return lambda users: u[users.to(dev)] @ i.T
+        return EmbeddingScorer(ex["user_emb"].to(dev), ex["item_emb"].to(dev))
