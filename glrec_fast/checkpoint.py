@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 
 import torch
@@ -47,11 +48,26 @@ def _json_default(o):
 
 
 def load(path, map_location="cpu"):
+    """Load a checkpoint safely: ``torch.load(weights_only=True)`` unpickles only tensors, plain
+    containers and numbers, never code, so a file someone sent you cannot run anything. Our own
+    checkpoints hold nothing else. One that needs more (a pickled callable, or a checkpoint written
+    before glrec_fast stored numpy objects as tensors) is refused with the reason."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file {path!r}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path!r}: refused to load: it holds Python objects beyond tensors, containers and "
+            f"numbers, which could run code while loading ({str(e).splitlines()[0]}). glrec_fast's own "
+            f"checkpoints never do, except ones written by versions before safe loading (they kept numpy "
+            f"arrays): retrain, or, only if you trust the file, convert it yourself with "
+            f"torch.load(path, weights_only=False).") from None
     except Exception as e:
         raise ValueError(f"checkpoint {path!r} could not be read ({e!r}); it may be from another "
                          f"version or not a glrec_fast checkpoint") from None
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint needs more than weights-only unpickling (it could run code): not loaded."""

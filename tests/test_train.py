@@ -155,3 +155,27 @@ def test_monitor_ndcg_equals_the_full_evaluation_on_its_sample():
         got = float(cb._ndcg(u, i))
     assert cb.users.numel() == 100
     assert got == pytest.approx(want, rel=1e-5)
+
+
+class _RunsCode:
+    """Unpickling this calls a function of the loader's choosing (here: writes a marker file)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoint_with_pickled_callable_is_refused(tmp_path, lightgcn_run):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": "glrec_fast.export", "payload": _RunsCode(marker)}, evil)
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match="refused to load"):
+        checkpoint.load(evil)
+    with pytest.raises(checkpoint.UnsafeCheckpointError):
+        train.recommend(evil, ["1"], k=5)
+    assert not marker.exists(), "loading ran code from the checkpoint"
+    # Our own checkpoints (best.pt and last.pt, with the RNG states) load under the same rule.
+    assert checkpoint.load(lightgcn_run / "best.pt")["kind"] == "glrec_fast.export"
+    assert "rng" in checkpoint.load(lightgcn_run / "last.pt")
