@@ -57,6 +57,17 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+def _numpy_state() -> list:
+    """numpy's global RNG state as tensors and plain numbers (a checkpoint loads with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from(state) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -69,6 +80,8 @@ def load_data(cfg):
     if cfg["dataset"] == "synthetic":
         kw = dict(num_users=cfg["synthetic_users"], num_items=cfg["synthetic_items"],
                   num_interactions=cfg["synthetic_interactions"])
+    if cfg["valid_fraction"]:
+        kw["valid_fraction"] = cfg["valid_fraction"]
     return load_dataset(cfg["dataset"], split=cfg["split"], seed=cfg["seed"], **kw)
 
 
@@ -87,7 +100,37 @@ def build_model(cfg, ds, graph: BipartiteGraph, device):
     if name == "hybrid":
         from .models import hybrid
         return hybrid.build(cfg, ds, graph, device)
-    raise ValueError(f"model: unknown {name!r}; expected mf | lightgcn | graphsage | hybrid")
+    if name in ("gfcf", "bspm"):
+        from .models import filters
+        return filters.build(cfg, graph)
+    raise ValueError(f"model: unknown {name!r}; expected mf | lightgcn | graphsage | hybrid | gfcf | bspm")
+
+
+def prepare_model(cfg, model, graph) -> None:
+    """The loss and initialisation choices that act on a built model (checked before training)."""
+    if cfg["loss"] not in ("bpr", "softmax"):
+        raise ValueError(f"loss: expected bpr | softmax, got {cfg['loss']!r}")
+    if cfg["init"] not in ("normal", "spectral"):
+        raise ValueError(f"init: expected normal | spectral, got {cfg['init']!r}")
+    if not model.trainable:
+        return
+    if cfg["loss"] == "softmax":
+        from .models.lightgcn import LightGCN
+        from .models.mf import MF
+        if not isinstance(model, (MF, LightGCN)) or cfg["sampled"]:
+            raise ValueError(f"loss: softmax is implemented for mf and full-graph lightgcn, not "
+                             f"{cfg['model']!r}{' (sampled)' if cfg['sampled'] else ''}; use --loss bpr")
+        if cfg["num_negatives"] < 1 or cfg["temperature"] <= 0:
+            raise ValueError(f"loss softmax: expected num_negatives >= 1 and temperature > 0, got "
+                             f"{cfg['num_negatives']} and {cfg['temperature']}")
+        model.cosine = True
+    if cfg["init"] == "spectral":
+        from .models.losses import spectral_embeddings
+        t = time.time()
+        user, item = spectral_embeddings(graph, cfg["emb_dim"], seed=cfg["seed"])
+        model.init_spectral(user, item, cfg["init_std"])
+        log.info("spectral initialisation: top-%d singular factors of the normalised graph (%.1fs)",
+                 cfg["emb_dim"], time.time() - t)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -142,11 +185,20 @@ def train(cfg: dict, callbacks=()) -> dict:
     log.info("data: %s", ds.summary() if hasattr(ds, "summary") else ds)
     graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
     log.info("graph: %s (load %.1fs)", graph, time.time() - t0)
+    t_start = time.time()   # --time_budget counts from here: initialisation, training and validation
     model = build_model(cfg, ds, graph, device).to(device)
-    graph_dev = graph.to(device) if device.type != "cpu" else graph
-    opt = _optimizer(model, cfg)
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
     checkpoint.write_text(os.path.join(out, "config.yaml"), config.dump(cfg))
+    if not model.trainable:
+        return _fit_filter(cfg, model, ds, graph, device, out, t0)
+    if not cfg["resume"]:
+        prepare_model(cfg, model, graph)
+    else:
+        prepare_model(dict(cfg, init="normal"), model, graph)   # the weights come from the checkpoint
+    graph_dev = graph.to(device) if device.type != "cpu" else graph
+    opt = _optimizer(model, cfg)
+    budget_s = float(cfg["time_budget"]) * 60.0 if cfg["time_budget"] else math.inf
+    softmax = cfg["loss"] == "softmax"
 
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad_evals": 0, "history": []}
     best_export = None
@@ -160,7 +212,7 @@ def train(cfg: dict, callbacks=()) -> dict:
             group["lr"] = cfg["lr"]
         state = ck["state"]
         torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
+        np.random.set_state(_numpy_state_from(ck["rng"]["numpy"]))
         random.setstate(ck["rng"]["python"])
         if os.path.isfile(best_path):
             best_export = checkpoint.load(best_path)
@@ -191,7 +243,8 @@ def train(cfg: dict, callbacks=()) -> dict:
         gen.manual_seed(cfg["seed"] * 1000003 + epoch)
         perm = torch.randperm(train_pairs.size(0), generator=gen)
         users_all, pos_all = train_pairs[perm, 0], train_pairs[perm, 1]
-        neg_all = sample_negatives(users_all, ds.num_items, train_keys, gen)
+        # BPR: one negative per triple; softmax: negatives are drawn per batch, shared by the batch.
+        neg_all = pos_all if softmax else sample_negatives(users_all, ds.num_items, train_keys, gen)
         loss_sum = torch.zeros((), device=device)
         n_batches = math.ceil(train_pairs.size(0) / cfg["batch_size"])
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=None)
@@ -203,7 +256,11 @@ def train(cfg: dict, callbacks=()) -> dict:
                 # worker thread while this batch trains; its sample is the same as one drawn on the spot.
                 nxt = slice(sl.stop, sl.stop + cfg["batch_size"])
                 model.prefetch(*(t[nxt].to(device, non_blocking=True) for t in (users_all, pos_all, neg_all)))
-            loss, parts = model.loss(users, pos, neg, cfg["reg_weight"])
+            if softmax:
+                negs = torch.randint(0, ds.num_items, (cfg["num_negatives"],), generator=gen).to(device)
+                loss, parts = model.softmax_loss(users, pos, negs, cfg["temperature"], cfg["reg_weight"])
+            else:
+                loss, parts = model.loss(users, pos, neg, cfg["reg_weight"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -218,11 +275,18 @@ def train(cfg: dict, callbacks=()) -> dict:
                         f"The last good checkpoint is {last_path if os.path.isfile(last_path) else '(none yet)'}; "
                         f"try a lower --lr (now {cfg['lr']}) or --reg_weight")
                 bar.set_postfix(loss=f"{float(loss_sum) / (b + 1):.4f}")
-        epoch_loss = float(loss_sum) / n_batches
+            if time.time() - t_start >= budget_s:
+                break
+        out_of_time = time.time() - t_start >= budget_s
+        if out_of_time and b + 1 < n_batches:
+            log.info("time budget of %.1f min spent after %d of %d batches of epoch %d: stopping",
+                     budget_s / 60, b + 1, n_batches, epoch + 1)
+        epoch_loss = float(loss_sum) / (b + 1)
         state["epoch"] = epoch + 1
-        row = {"epoch": epoch + 1, "loss": epoch_loss, "epoch_time_s": time.time() - t_ep}
-        evaluate_now = (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"]
-        stop = False
+        row = {"epoch": epoch + 1, "loss": epoch_loss, "epoch_time_s": time.time() - t_ep,
+               "elapsed_s": time.time() - t_start}
+        evaluate_now = (epoch + 1) % cfg["eval_every"] == 0 or epoch + 1 == cfg["epochs"] or out_of_time
+        stop = out_of_time
         if evaluate_now:
             t_ev = time.time()
             if has_valid:
@@ -235,11 +299,18 @@ def train(cfg: dict, callbacks=()) -> dict:
                     checkpoint.save(best_export, best_path)
                 else:
                     state["bad_evals"] += 1
-                    stop = cfg["patience"] > 0 and state["bad_evals"] >= cfg["patience"]
+                    stop = stop or (cfg["patience"] > 0 and state["bad_evals"] >= cfg["patience"])
             else:
                 best_export = _export(model, ds, cfg, epoch + 1, {})
                 checkpoint.save(best_export, best_path)
             row["eval_time_s"] = time.time() - t_ev
+            if cfg["trace_test"]:
+                # Reporting only (time-to-quality curves): nothing is chosen on these numbers, and
+                # their cost is taken off the time budget's clock.
+                t_tr = time.time()
+                tm = evaluate_split(model, ds, graph, "test", cfg, device)
+                row.update({f"test/{k}": v for k, v in tm.items() if k in ("recall@20", "ndcg@20")})
+                t_start += time.time() - t_tr
         state["history"].append(row)
         log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in row.items() if k != "epoch"))
@@ -252,12 +323,13 @@ def train(cfg: dict, callbacks=()) -> dict:
             tb.flush()
         cb_states = {type(cb).__name__: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}
         checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
-                         "config": cfg, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                         "config": cfg, "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(),
                                                 "python": random.getstate()},
                          "callbacks": {k: v for k, v in cb_states.items() if v is not None}}, last_path)
         if stop:
-            log.info("early stop: valid ndcg@20 has not improved for %d evaluations (best %.4f at epoch %d)",
-                     cfg["patience"], state["best"], state["best_epoch"])
+            if not out_of_time:
+                log.info("early stop: valid ndcg@20 has not improved for %d evaluations (best %.4f at epoch %d)",
+                         cfg["patience"], state["best"], state["best_epoch"])
             break
 
     if tb is not None:
@@ -311,17 +383,52 @@ def _optimizer(model, cfg):
 
 
 def _export(model, ds, cfg, epoch, valid_metrics):
+    """best.pt: what ranking needs (embeddings, or a graph filter's factors), the training pairs for
+    masking, and the original ids as plain lists (loadable with ``weights_only=True``)."""
     ex = model.export()
-    return {"kind": "glrec_fast.export", "version": 1, "epoch": epoch, "valid": valid_metrics,
-            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            "user_emb": ex["user_emb"], "item_emb": ex["item_emb"],
-            "train": ds.train.clone(), "user_ids": list(ds.user_ids), "item_ids": list(ds.item_ids),
+    return {"kind": "glrec_fast.export", "version": 2, "epoch": epoch, "valid": valid_metrics,
+            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if model.trainable else {},
+            **ex, "num_users": ds.num_users, "num_items": ds.num_items,
+            "train": ds.train.clone(), "user_ids": ds.user_ids.tolist(), "item_ids": ds.item_ids.tolist(),
             "config": dict(cfg)}
 
 
+def _fit_filter(cfg, model, ds, graph, device, out, t0) -> dict:
+    """A training-free model (gfcf, bspm): fit once, evaluate valid and test, export, report."""
+    t_fit = time.time()
+    model.fit()
+    fit_s = time.time() - t_fit
+    log.info("fitted %s %s in %.1fs", cfg["model"], model.hparams, fit_s)
+    t_ev = time.time()
+    valid = evaluate_split(model, ds, graph, "valid", cfg, device)
+    best = _export(model, ds, cfg, 0, valid)
+    checkpoint.save(best, os.path.join(out, "best.pt"))
+    results = {"valid": valid, "test": evaluate_split(model, ds, graph, "test", cfg, device)}
+    extra = {"best_epoch": 0, "epochs_run": 0, "history": [], "model": cfg["model"], "filter": model.hparams,
+             "dataset": ds.summary() if hasattr(ds, "summary") else str(ds), "fit_time_s": fit_s,
+             "eval_time_s": time.time() - t_ev, "train_time_s": time.time() - t0}
+    checkpoint.write_json(os.path.join(out, "metrics.json"), {**results, **extra})
+    log.info("results (fit %.1fs, evaluation %.1fs):\n%s", fit_s, extra["eval_time_s"], metrics.format_table(results))
+    return {**results, **extra}
+
+
 # ----------------------------------------------------------------------------- recommend
-def recommend(checkpoint_path, user_ids, k: int = 20, exclude_seen: bool = True) -> list[list]:
-    """Top-``k`` items for each user: original user ids in, original item ids out."""
+def scorer_from_export(ck: dict):
+    """The ``users -> scores`` function a best.pt export describes (embeddings or a graph filter)."""
+    if "filter" in ck:
+        from .models.filters import GraphFilter
+        graph = BipartiteGraph.from_interactions(ck["train"], len(ck["user_ids"]), len(ck["item_ids"]))
+        return GraphFilter.from_export(graph, ck).scorer()
+    return metrics.EmbeddingScorer(ck["user_emb"], ck["item_emb"])
+
+
+def recommend(checkpoint_path, user_ids, k: int = 20, exclude_seen: bool = True,
+              batch_size: int = 1024) -> list[list]:
+    """Top-``k`` items for each user: original user ids in, original item ids out.
+
+    Users are scored ``batch_size`` at a time (memory bounded by one [batch, items] tile) and each
+    user's training items are masked through a CSR of the training pairs.
+    """
     ck = checkpoint.load(checkpoint_path)
     if not isinstance(ck, dict) or ck.get("kind") != "glrec_fast.export":
         raise ValueError(f"checkpoint {os.fspath(checkpoint_path)!r}: not a glrec_fast best.pt export "
@@ -337,19 +444,27 @@ def recommend(checkpoint_path, user_ids, k: int = 20, exclude_seen: bool = True)
             raise ValueError(f"user_ids: {uid!r} is not a user of the checkpoint's training data "
                              f"({len(ck['user_ids'])} users)")
         rows.append(j)
-    users = torch.tensor(rows, dtype=torch.long)
-    scores = ck["user_emb"][users] @ ck["item_emb"].T
-    if exclude_seen:
-        train = ck["train"]
-        for r, u in enumerate(rows):
-            scores[r, train[train[:, 0] == u, 1]] = -math.inf
-    top = torch.topk(scores, min(k, scores.size(1)), dim=1).indices
-    return [[ck["item_ids"][int(i)] for i in row] for row in top]
+    score = scorer_from_export(ck)
+    num_items = len(ck["item_ids"])
+    rowptr, items = metrics._csr_of_pairs(ck["train"], len(ck["user_ids"]))
+    users_all = torch.tensor(rows, dtype=torch.long)
+    out = []
+    for start in range(0, users_all.numel(), batch_size):
+        users = users_all[start:start + batch_size]
+        scores = score(users).float()
+        if exclude_seen:
+            lens = rowptr[users + 1] - rowptr[users]
+            row = torch.repeat_interleave(torch.arange(users.numel()), lens)
+            offs = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+            scores[row, items[torch.repeat_interleave(rowptr[users], lens) + offs]] = -math.inf
+        top = torch.topk(scores, min(k, num_items), dim=1).indices
+        out.extend([ck["item_ids"][i] for i in r] for r in top.tolist())
+    return out
 
 
 def default_callbacks(cfg) -> list:
     cbs = []
-    if cfg["grokking"]:
+    if cfg["grokking"] and cfg["model"] not in ("gfcf", "bspm"):   # filters have no training to watch
         from .monitoring import GrokkingCallback
         cbs.append(GrokkingCallback(cfg))
     return cbs

@@ -24,3 +24,12 @@ class MF(Recommender):
         u, p, n = self.user(users), self.item(pos), self.item(neg)
         reg = (u.pow(2).sum() + p.pow(2).sum() + n.pow(2).sum()) / (2 * users.numel())
         return (u * p).sum(-1), (u * n).sum(-1), reg
+
+    def ego_params(self, users, pos, neg):
+        return [self.user.weight[users], self.item.weight[pos], self.item.weight[neg]]
+
+    @torch.no_grad()
+    def init_spectral(self, user, item, std):
+        scale = std / torch.cat([user, item]).std().clamp(min=1e-12)
+        self.user.weight.copy_(user * scale)
+        self.item.weight.copy_(item * scale)

@@ -1,0 +1,310 @@
+"""Training-free graph filters: GF-CF (Shen et al., CIKM 2021) and BSPM (Choi et al., SIGIR 2023).
+
+Both score a user from the user's training row ``r`` (binary, over items) with filters built from
+the normalised interaction matrix ``R~ = D_U^-1/2 R D_I^-1/2``:
+
+* the linear (blurring) filter ``r P~`` with ``P~ = R~^T R~``, the item block of the squared
+  symmetric-normalised bipartite adjacency LightGCN propagates over;
+* the ideal low-pass filter ``r D_I^-1/2 V_K V_K^T D_I^1/2`` with ``V_K`` the top-K right singular
+  vectors of ``R~`` (a randomised truncated SVD of the sparse matrix);
+* BSPM's sharpening ``dx/dt = -x P~`` from ``x(0) = r P~ + w * ideal`` to time ``T``, solved with
+  Euler or classical RK4 steps. For a linear ODE each solver step is a polynomial in ``P~``
+  (Euler ``1 - hP``; RK4 the order-4 Taylor polynomial of ``exp(-hP)``), so the whole filter is
+
+      score(r) = (r P~ + w * r D_I^-1/2 V_K V_K^T D_I^1/2) p(P~),      p = product of the steps.
+
+  ``p = 1`` (no sharpening) is GF-CF. Fitting computes ``V_K`` once and folds ``p(P~)`` into the
+  low-rank factor (``V_K^T D_I^1/2 p(P~)``, a [K, I] matrix); scoring a batch of users then costs
+  ``deg(p) + 1`` applications of ``P~`` to a dense [I, batch] block plus two thin matrix products.
+
+``P~`` is never built, nor any dense I x I or U x I matrix: it is applied as two sparse products,
+``R~^T (R~ X)``, over the training graph's CSR in both directions (``BipartiteGraph.user_rowptr`` /
+``item_rowptr``), with torch's CSR x dense kernel. ``reference.graph_filter_dense`` is the dense
+ground truth for tests.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+SOLVERS = ("euler", "rk4")
+
+
+def sharpen_poly(solver: str, steps: int, time: float) -> list[float]:
+    """Coefficients ``[c0, c1, ...]`` (ascending powers of P~) of ``steps`` solver steps of
+    ``dx/dt = -x P~`` over ``[0, time]``; ``[1.0]`` when ``time == 0`` (no sharpening)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"sharpen_solver: expected one of {SOLVERS}, got {solver!r}")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"sharpen_steps: expected an int >= 1, got {steps!r}")
+    if not (math.isfinite(time) and time >= 0):
+        raise ValueError(f"sharpen_time: expected a finite time >= 0, got {time!r}")
+    if time == 0:
+        return [1.0]
+    h = time / steps
+    one = [1.0, -h] if solver == "euler" else [(-h) ** j / math.factorial(j) for j in range(5)]
+    poly = [1.0]
+    for _ in range(steps):
+        prod = [0.0] * (len(poly) + len(one) - 1)
+        for a, ca in enumerate(poly):
+            for b, cb in enumerate(one):
+                prod[a + b] += ca * cb
+        poly = prod
+    return poly
+
+
+def normalised_csr(graph):
+    """``R~`` as torch sparse CSR [U, I] and ``R~^T`` as CSR [I, U], plus ``d_I^1/2`` and ``d_I^-1/2``
+    (zero for items without training interactions)."""
+    du = graph.user_degree.to(torch.float32)
+    di = graph.item_degree.to(torch.float32)
+    du_m = torch.where(du > 0, du.clamp(min=1).rsqrt(), torch.zeros_like(du))
+    di_m = torch.where(di > 0, di.clamp(min=1).rsqrt(), torch.zeros_like(di))
+    urows = torch.repeat_interleave(torch.arange(graph.num_users), graph.user_degree)
+    irows = torch.repeat_interleave(torch.arange(graph.num_items), graph.item_degree)
+    # The CSRs come from a BipartiteGraph (validated when built): no invariant checks per call.
+    with warnings.catch_warnings():   # torch's one-time "sparse CSR support is in beta" notice
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        r = torch.sparse_csr_tensor(graph.user_rowptr, graph.user_col, du_m[urows] * di_m[graph.user_col],
+                                    (graph.num_users, graph.num_items), check_invariants=False)
+        rt = torch.sparse_csr_tensor(graph.item_rowptr, graph.item_col, di_m[irows] * du_m[graph.item_col],
+                                     (graph.num_items, graph.num_users), check_invariants=False)
+    return r, rt, di.sqrt(), di_m
+
+
+def top_right_singular_vectors(r: torch.Tensor, rank: int, oversample: int = 32, iters: int = 4,
+                               seed: int = 0) -> torch.Tensor:
+    """[I, rank] top right singular vectors of the sparse ``r``: randomised subspace iteration
+    (Halko et al.) on ``r^T r``, re-orthonormalised every step, then a small dense eigenproblem."""
+    n = r.size(1)
+    q = min(rank + oversample, n)
+    gen = torch.Generator().manual_seed(seed)
+    rt = r.t().to_sparse_csr() if r.layout == torch.sparse_csr else r.t()
+    basis = torch.linalg.qr(torch.randn(n, q, generator=gen))[0]
+    for _ in range(iters):
+        basis = torch.linalg.qr(torch.sparse.mm(rt, torch.sparse.mm(r, basis)))[0]
+    small = basis.T @ torch.sparse.mm(rt, torch.sparse.mm(r, basis))      # [q, q], symmetric
+    evals, evecs = torch.linalg.eigh((small + small.T) / 2)
+    top = torch.argsort(evals, descending=True)[:rank]
+    return (basis @ evecs[:, top]).contiguous()
+
+
+class GraphFilter(nn.Module):
+    """GF-CF / BSPM scorer (module docstring). ``fit()`` once, then ``scorer()`` like any model.
+
+    ``rank`` K of the ideal low-pass filter (0 = none), ``ideal_weight`` its weight w,
+    ``sharpen_time`` T (0 = no sharpening: GF-CF), ``sharpen_steps`` and ``sharpen_solver``.
+    """
+
+    trainable = False
+
+    def __init__(self, graph, rank: int = 256, ideal_weight: float = 0.3, sharpen_time: float = 0.0,
+                 sharpen_steps: int = 1, sharpen_solver: str = "euler", svd_iters: int = 4, seed: int = 0):
+        super().__init__()
+        if not (isinstance(rank, int) and 0 <= rank <= graph.num_items):
+            raise ValueError(f"filter_rank: expected an int in [0, num_items={graph.num_items}], got {rank!r}")
+        if not math.isfinite(ideal_weight):
+            raise ValueError(f"ideal_weight: expected a finite number, got {ideal_weight!r}")
+        self.graph = graph
+        self.num_users, self.num_items = graph.num_users, graph.num_items
+        self.rank, self.ideal_weight, self.svd_iters, self.seed = rank, float(ideal_weight), svd_iters, seed
+        self.poly = sharpen_poly(sharpen_solver, sharpen_steps, float(sharpen_time))
+        self.hparams = {"rank": rank, "ideal_weight": float(ideal_weight), "sharpen_time": float(sharpen_time),
+                        "sharpen_steps": sharpen_steps, "sharpen_solver": sharpen_solver}
+        self._dummy = nn.Parameter(torch.zeros(0), requires_grad=False)  # gives the module a device
+        self.register_buffer("ideal_in", torch.zeros(0))    # [I, K]  D_I^-1/2 V_K
+        self.register_buffer("ideal_out", torch.zeros(0))   # [K, I]  V_K^T D_I^1/2 p(P~)
+        self._fitted = False
+
+    # ------------------------------------------------------------------ fit
+    @torch.no_grad()
+    def fit(self) -> "GraphFilter":
+        r, rt, di_half, di_mhalf = normalised_csr(self.graph.to("cpu"))
+        self._r, self._rt = r, rt
+        if self.rank:
+            v = top_right_singular_vectors(r, self.rank, iters=self.svd_iters, seed=self.seed)
+            self.ideal_in = di_mhalf[:, None] * v
+            # V^T D^1/2 p(P~) as columns: p(P~) (D^1/2 V), P~ symmetric.
+            self.ideal_out = self._apply_poly((v * di_half[:, None]), self.poly).T.contiguous()
+        self._fitted = True
+        return self
+
+    def _apply_poly(self, x: torch.Tensor, coefs) -> torch.Tensor:
+        """``p(P~) x`` for columns ``x`` [I, n] by Horner's rule: ``len(coefs) - 1`` products."""
+        acc = coefs[-1] * x
+        for c in reversed(coefs[:-1]):
+            acc = self._p(acc)
+            if c:
+                acc = acc + c * x
+        return acc
+
+    def _rows(self, users: torch.Tensor):
+        """The users' training rows: (sparse CSR [len(users), I] of ones, the same dense as [I, len(users)])."""
+        g = self.graph.to("cpu")
+        users = users.cpu()
+        starts, lens = g.user_rowptr[users], g.user_degree[users]
+        rowptr = torch.zeros(users.numel() + 1, dtype=torch.long)
+        torch.cumsum(lens, 0, out=rowptr[1:])
+        offs = torch.arange(int(rowptr[-1])) - torch.repeat_interleave(rowptr[:-1], lens)
+        col = g.user_col[torch.repeat_interleave(starts, lens) + offs]
+        ones = torch.ones(col.numel())
+        sparse = torch.sparse_csr_tensor(rowptr, col, ones, (users.numel(), self.num_items), check_invariants=False)
+        dense_t = torch.zeros(self.num_items, users.numel())
+        dense_t[col, torch.repeat_interleave(torch.arange(users.numel()), lens)] = 1.0
+        return sparse, dense_t
+
+    def _p(self, x: torch.Tensor, rt=None) -> torch.Tensor:
+        """``P~ x`` for columns ``x`` [I, n], as ``R~^T (R~ x)``; ``rt`` may be a row-permuted ``R~^T``."""
+        return torch.sparse.mm(self._rt if rt is None else rt, torch.sparse.mm(self._r, x))
+
+    @torch.no_grad()
+    def scores(self, users: torch.Tensor) -> torch.Tensor:
+        """Filter scores [len(users), I] (module docstring), computed on the CPU."""
+        return self._scores(users, self._rt, self.ideal_out)
+
+    def _scores(self, users, rt_out, ideal_out) -> torch.Tensor:
+        """Scores whose item columns follow ``rt_out``'s rows and ``ideal_out``'s columns (the
+        natural order, or a permutation from ``reorder``)."""
+        if not self._fitted:
+            raise RuntimeError("GraphFilter: call fit() before scoring")
+        r, x = self._rows(users)
+        # r P~ p(P~) = (P~ q(P~) x)^T with Horner's rule on the columns x = r^T [I, b]; only the
+        # last product decides the order of the output's items.
+        coefs = self.poly
+        acc = coefs[-1] * x
+        for c in reversed(coefs[:-1]):
+            acc = self._p(acc)
+            if c:
+                acc = acc.add_(x, alpha=c)
+        acc = self._p(acc, rt_out)
+        if self.rank and self.ideal_weight:
+            t = torch.sparse.mm(r, self.ideal_in)                      # r D^-1/2 V: [b, K], nnz x K work
+            return torch.addmm(acc.T, t, ideal_out, alpha=self.ideal_weight)
+        return acc.T.contiguous()
+
+    def reordered(self, order: torch.Tensor):
+        """(R~^T with its rows, ideal_out with its columns, in ``order``): scores come out permuted."""
+        order = order.cpu()
+        rt = self._rt
+        rp, col, val = rt.crow_indices(), rt.col_indices(), rt.values()
+        lens = (rp[1:] - rp[:-1])[order]
+        new_rp = torch.zeros_like(rp)
+        torch.cumsum(lens, 0, out=new_rp[1:])
+        src = torch.repeat_interleave(rp[:-1][order], lens) + (
+            torch.arange(int(new_rp[-1])) - torch.repeat_interleave(new_rp[:-1], lens))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+            rt_perm = torch.sparse_csr_tensor(new_rp, col[src], val[src], rt.shape, check_invariants=False)
+        return rt_perm, (self.ideal_out[:, order] if self.rank else self.ideal_out)
+
+    # ------------------------------------------------------------------ the Recommender surface
+    def scorer(self):
+        return _FilterScorer(self)
+
+    def export(self) -> dict:
+        """What ``recommend`` needs to rebuild this scorer without refitting."""
+        return {"filter": dict(self.hparams), "ideal_in": self.ideal_in.cpu(), "ideal_out": self.ideal_out.cpu()}
+
+    @classmethod
+    def from_export(cls, graph, ex: dict) -> "GraphFilter":
+        m = cls(graph, **ex["filter"])
+        r, rt, _, _ = normalised_csr(graph)
+        m._r, m._rt = r, rt
+        m.ideal_in, m.ideal_out = ex["ideal_in"], ex["ideal_out"]
+        m._fitted = True
+        return m
+
+
+class _FilterScorer:
+    """``users -> scores`` of a fitted filter; ``reorder`` gives the scorer whose columns come in a
+    given item order (``metrics.evaluate`` asks for context-contiguous columns)."""
+    fresh_tiles = True   # every call builds a new tile
+
+    def __init__(self, model: GraphFilter, rt=None, ideal_out=None):
+        self.model = model
+        self.rt = model._rt if rt is None else rt
+        self.ideal_out = model.ideal_out if ideal_out is None else ideal_out
+
+    def __call__(self, users):
+        with torch.no_grad():
+            return self.model._scores(users, self.rt, self.ideal_out).to(self.model._dummy.device)
+
+    def reorder(self, order):
+        return _FilterScorer(self.model, *self.model.reordered(order))
+
+
+def build(cfg, graph) -> GraphFilter:
+    """``--model gfcf`` (sharpening off unless ``sharpen_time`` is set) or ``--model bspm``."""
+    return GraphFilter(graph, rank=cfg["filter_rank"], ideal_weight=cfg["ideal_weight"],
+                       sharpen_time=cfg["sharpen_time"] if cfg["model"] == "bspm" else 0.0,
+                       sharpen_steps=cfg["sharpen_steps"], sharpen_solver=cfg["sharpen_solver"],
+                       seed=cfg["seed"])
+
+
+@torch.no_grad()
+def grid_search(graph, valid: torch.Tensor, exclude=(), ranks=(256,), ideal_weights=(0.3,),
+                sharpen=(("euler", 1, 0.0),), num_users: int | None = 5000, batch_size: int = 1024,
+                seed: int = 0, key: str = "ndcg@20") -> list[dict]:
+    """Valid metrics of every filter setting on a grid, best first (choose on validation only).
+
+    ``sharpen``: (solver, steps, time) triples; ``ranks`` may differ (the SVD is computed once at the
+    largest rank and truncated). Every setting scores the same ``num_users`` sampled validation
+    users (all when None). Per user batch the basis ``r P~^j`` (j up to the largest degree) and the
+    low-rank factors are computed once; each setting is then a weighted sum of them, so a grid of
+    many settings costs little more than its most expensive member. (A rank below the largest uses
+    the leading columns of the largest SVD, which can differ slightly from an SVD at that rank.)
+    """
+    from .. import metrics
+    polys = [(s, sharpen_poly(*s)) for s in sharpen]
+    degree = max(len(p) for _, p in polys)                 # r P~^1 .. r P~^degree are needed
+    base = GraphFilter(graph, rank=max(ranks), ideal_weight=1.0).fit() if max(ranks) else GraphFilter(
+        graph, rank=0, ideal_weight=0.0).fit()
+    v_half = base.ideal_out.T if max(ranks) else None       # [I, K] = D^1/2 V (p = 1 for the base)
+    w_pow = []                                              # [K, I]: V^T D^1/2 P~^j
+    if v_half is not None:
+        acc = v_half
+        for j in range(degree):
+            w_pow.append(acc.T.contiguous())
+            if j + 1 < degree:
+                acc = base._p(acc)
+    users = torch.unique(valid[:, 0])
+    if num_users is not None and users.numel() > num_users:
+        gen = torch.Generator().manual_seed(seed)
+        users = users[torch.randperm(users.numel(), generator=gen)[:num_users]].sort().values
+    settings = list(dict.fromkeys((k if w else 0, w if k else 0.0, s, tuple(p)) for k in ranks
+                                  for w in ideal_weights for s, p in polys))   # rank is moot at weight 0
+    sums = [dict() for _ in settings]
+    n_total = 0
+    keep = torch.isin(valid[:, 0], users)
+    valid = valid[keep]
+    for start in range(0, users.numel(), batch_size):
+        ub = users[start:start + batch_size]
+        r, x = base._rows(ub)
+        m_pow, acc = [], x
+        for _ in range(degree):
+            acc = base._p(acc)
+            m_pow.append(acc)                                   # [I, b]: (r P~^j)^T, j = 1..degree
+        t = torch.sparse.mm(r, base.ideal_in) if v_half is not None else None
+        vb = valid[torch.isin(valid[:, 0], ub)]
+        for idx, (k, w, _, p) in enumerate(settings):
+            lin = sum(c * m_pow[j] for j, c in enumerate(p) if c)
+            if k and w:
+                wk = sum(c * w_pow[j][:k] for j, c in enumerate(p) if c)
+                tile = torch.addmm(lin.T, t[:, :k], wk, alpha=w)
+            else:
+                tile = lin.T.contiguous()
+            m = metrics.evaluate(lambda us, tile=tile: tile, vb, graph.num_users, graph.num_items,
+                                 exclude=[e[torch.isin(e[:, 0], ub)] for e in exclude], ks=(20,),
+                                 batch_size=ub.numel())
+            for name, val in m.items():
+                if name != "n_users":
+                    sums[idx][name] = sums[idx].get(name, 0.0) + val * m["n_users"]
+        n_total += ub.numel()
+    out = []
+    for (k, w, s, _), sm in zip(settings, sums):
+        out.append({"rank": k, "ideal_weight": w, "sharpen_solver": s[0], "sharpen_steps": s[1],
+                    "sharpen_time": s[2], **{name: v / n_total for name, v in sm.items()}, "n_users": n_total})
+    return sorted(out, key=lambda d: -d[key])
