@@ -29,8 +29,8 @@ def sampled_softmax(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, pos_i
     pos_logit = (u * pos).sum(-1, keepdim=True) / temperature                  # [B, 1]
     neg_logit = (u @ neg.T) / temperature                                     # [B, N]
     neg_logit = neg_logit.masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
-    logits = torch.cat([pos_logit, neg_logit], 1)
-    return -(pos_logit.squeeze(1) - torch.logsumexp(logits, 1)).mean()
+    pos_logit = pos_logit.squeeze(1)
+    return -(pos_logit - torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, 1))).mean()
 
 
 @torch.no_grad()
