@@ -70,6 +70,17 @@ def test_ml100k_loads_with_text():
         load_dataset("ml-100k", split="given")
 
 
+def test_amazon_beauty_loads_by_name_with_titles():
+    need_dataset("amazon-beauty")
+    ds = load_dataset("amazon-beauty")
+    assert ds.split == "random" and (ds.num_users, ds.num_items) == (22363, 12101)
+    assert ds.train.size(0) + ds.valid.size(0) + ds.test.size(0) == 198_502
+    first = int(ds.item_index(1))
+    assert ds.item_text[first].startswith("OPI Nail Lacquer, Simmer and Shimmer")
+    assert len(ds.item_text) == 12101
+    assert load_dataset("beauty", split="random").num_items == 12101   # alias
+
+
 def test_ml100k_random_split_invariants_and_seed():
     need_dataset("ml-100k")
     a = load_dataset("ml-100k", split="random", seed=3)
@@ -99,12 +110,13 @@ def test_ml100k_cold_split():
     assert not cold & set(ds.train[:, 1].tolist())
     held = set(ds.valid[:, 1].tolist()) | set(ds.test[:, 1].tolist())
     assert cold <= held
-    # Each cold item's interactions are dealt alternately to test and valid.
-    allv = torch.cat([ds.valid, ds.test])
-    per_item = torch.bincount(allv[:, 1], minlength=ds.num_items)
-    te = torch.bincount(ds.test[:, 1], minlength=ds.num_items)
-    for i in list(cold)[:50]:
-        assert int(te[i]) == (int(per_item[i]) + 1) // 2
+    # Validation-cold and test-cold items are disjoint halves; each keeps all its interactions in one split.
+    valid_cold = set(ds.valid[torch.isin(ds.valid[:, 1], ds.cold_items), 1].tolist())
+    test_cold = set(ds.test[torch.isin(ds.test[:, 1], ds.cold_items), 1].tolist())
+    assert not valid_cold & test_cold and valid_cold | test_cold == cold
+    assert len(valid_cold) == len(cold) // 2
+    other = load_dataset("ml-100k", split="cold", seed=1)
+    assert set(other.cold_items.tolist()) != cold
     # Warm interactions: 80/10/10 per user.
     warm_mask = lambda e: ~torch.isin(e[:, 1], ds.cold_items)  # noqa: E731
     n_warm = sum(int(warm_mask(e).sum()) for e in (ds.train, ds.valid, ds.test))
@@ -380,8 +392,9 @@ def test_synthetic_size_and_cold_items(syn):
     assert not torch.isin(syn.train[:, 1], syn.cold_items).any()
     n_all, n_va, n_te = (torch.bincount(e[:, 1], minlength=1000)[syn.cold_items]
                          for e in (all_e, syn.valid, syn.test))
-    # Cold items are dealt to test and valid alternately: test gets ceil(n/2), valid floor(n/2).
-    assert torch.equal(n_te, (n_all + 1) // 2) and torch.equal(n_va, n_all // 2)
+    # Each cold item sits wholly in valid or wholly in test, half of them each (disjoint cold sets).
+    assert torch.equal(n_te + n_va, n_all) and bool(((n_te == 0) | (n_va == 0)).all())
+    assert int((n_va > 0).sum()) == 100
     assert (n_all > 0).float().mean() > 0.9
     assert len(syn.item_text) == 1000 and syn.user_ids.tolist() == list(range(2000))
     small = make_synthetic(num_users=50, num_items=40, num_interactions=30, seed=1, split="random")

@@ -2,7 +2,9 @@
 
 Names resolve under ``GLREC_DATA_DIR`` (else ``~/.cache/glrec_fast/data``, or the ``data_dir``
 argument): ``gowalla`` -> ``<dir>/gowalla/{train,test}.txt`` (default split "given"), ``ml-100k`` ->
-``<dir>/ml-100k/ml-100k.{inter,item,user}`` (default "random"). ``synthetic`` is generated (default
+``<dir>/ml-100k/ml-100k.{inter,item,user}`` (default "random"), ``amazon-beauty`` ->
+``<dir>/amazon-beauty/amazon-beauty.{inter,item}`` (default "random"; product titles as item text).
+``synthetic`` is generated (default
 "cold"). Anything else is a path: a folder with LightGCN ``train.txt``/``test.txt`` (default
 "given"), a folder with RecBole atomic files or a ``.inter`` file (default "random", or "given" for
 ``NAME.{train,valid,test}.inter``), or a CSV/TSV file (default "random"). A DataFrame-like object
@@ -24,8 +26,10 @@ DEFAULT_DIR = os.path.join("~", ".cache", "glrec_fast", "data")
 KNOWN = {
     "gowalla": ("gowalla", ("train.txt", "test.txt"), "given", "lightgcn"),
     "ml-100k": ("ml-100k", ("ml-100k.inter", "ml-100k.item", "ml-100k.user"), "random", "atomic"),
+    "amazon-beauty": ("amazon-beauty", ("amazon-beauty.inter", "amazon-beauty.item"), "random", "atomic"),
 }
-ALIASES = {"ml100k": "ml-100k", "movielens-100k": "ml-100k"}
+ALIASES = {"ml100k": "ml-100k", "movielens-100k": "ml-100k", "beauty": "amazon-beauty",
+           "amazon_beauty": "amazon-beauty"}
 _SPLIT_KW = ("ratios", "cold_fraction", "on_unseen", "valid_fraction")
 
 
