@@ -11,11 +11,13 @@ and seed give the same split (numpy's PCG64 ``default_rng``). Every part comes b
   and keeps everything in train; if the quotas would leave a user with no train interaction
   (only possible with larger ratios) the user keeps everything in train too.
 * ``cold``: ``cold_fraction`` of the items that have interactions (default 20%) are held out
-  entirely: none of their interactions is in train. Each cold item's interactions are shuffled and
-  dealt alternately to test and valid (test first, so an item with a single interaction is a test
-  item), so a cold item with at least two interactions is cold in both valid and test. The warm
-  interactions are split per user like ``random``. Do not merge valid into train before testing:
-  that would warm up the test's cold items.
+  entirely: none of their interactions is in train. The cold items are split into two disjoint
+  halves, chosen at random: *validation-cold* items have every interaction in valid, *test-cold*
+  items every interaction in test (with an odd count test gets the extra item). So nothing chosen on
+  validation (a fusion weight, a gate, an epoch) has seen a test-cold item, and cold numbers on test
+  are clean. The warm interactions are split per user like ``random``. Do not merge valid into
+  train before testing: the test ranking masks valid pairs, and its cold candidates are all cold
+  items of both halves.
 
 A dataset that ships only train/test (Gowalla) gets its validation set from ``carve_valid``: a
 seeded ``valid_fraction`` of each user's *training* interactions (the per-user rule of ``random``),
@@ -129,9 +131,10 @@ def split_cold(edges: np.ndarray, num_users: int, num_items: int, cold_fraction:
         raise DataError(f"cold_items: ids must lie in [0, {num_items})")
     is_cold_item = np.zeros(num_items, dtype=bool)
     is_cold_item[cold_items] = True
+    is_valid_cold = np.zeros(num_items, dtype=bool)
+    is_valid_cold[cold_items[rng.permutation(cold_items.size)[: cold_items.size // 2]]] = True
     cold_mask = is_cold_item[edges[:, 1]]
     labels = np.zeros(len(edges), dtype=np.int8)
-    rank, _ = _segment_ranks(edges[cold_mask, 1], num_items, rng)
-    labels[cold_mask] = np.where(rank % 2 == 0, 2, 1)          # test first, then valid, alternating
+    labels[cold_mask] = np.where(is_valid_cold[edges[cold_mask, 1]], 1, 2)   # all of an item in one split
     labels[~cold_mask] = random_labels(edges[~cold_mask, 0], num_users, ratios, rng)
     return (*(edges[labels == k] for k in (0, 1, 2)), cold_items)
