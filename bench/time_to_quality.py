@@ -50,6 +50,15 @@ TRAINED = {
                             "--lr", "0.001", "--reg_weight", "0", "--temperature", "0.1", "--num_negatives", "1024"],
     "mf-softmax": ["--model", "mf", "--loss", "softmax", "--batch_size", "4096", "--lr", "0.001", "--reg_weight", "0",
                    "--temperature", "0.1", "--num_negatives", "1024"],
+    "mf-softmax-spectral-lr5e-3": ["--model", "mf", "--loss", "softmax", "--init", "spectral", "--batch_size", "4096",
+                                   "--lr", "0.005", "--reg_weight", "0", "--temperature", "0.1",
+                                   "--num_negatives", "1024"],
+    "mf-softmax-spectral-lr5e-3-t0.2": ["--model", "mf", "--loss", "softmax", "--init", "spectral",
+                                        "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0",
+                                        "--temperature", "0.2", "--num_negatives", "1024"],
+    "mf-softmax-spectral-lr5e-3-t0.05": ["--model", "mf", "--loss", "softmax", "--init", "spectral",
+                                         "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0",
+                                         "--temperature", "0.05", "--num_negatives", "1024"],
     "lightgcn-softmax-spectral": ["--model", "lightgcn", "--loss", "softmax", "--init", "spectral",
                                   "--batch_size", "8192", "--lr", "0.001", "--reg_weight", "0",
                                   "--temperature", "0.1", "--num_negatives", "1024"],
@@ -115,10 +124,11 @@ def final_filters(out):
     _save(os.path.join(out, "final_filters.json"), res)
 
 
-def tune_trained(out, budget):
-    res = {}
+def tune_trained(out, budget, only=None):
+    path = os.path.join(out, "tune_trained.json")
+    res = _load(path)["runs"] if only and os.path.exists(path) else {}   # --only adds to earlier runs
     for name, flags in TRAINED.items():
-        if name == "lightgcn-bpr":
+        if name == "lightgcn-bpr" or (only and name not in only):
             continue   # the untuned baseline: run as a new user would, never chosen
         run_dir = os.path.join(out, "runs", f"tune-{name}")
         args = [*COMMON, *flags, "--valid_fraction", "0.1", "--time_budget", str(budget), "--out", run_dir]
@@ -140,7 +150,8 @@ def final_trained(out, budget, baseline_budget):
         run_dir = os.path.join(out, "runs", name)
         # The epoch count is the budget's: validation picked the recipe at this budget, and with no
         # validation set on the full train the last epoch is the model (no selection on test).
-        args = [*COMMON, *TRAINED[name], "--time_budget", str(minutes), "--trace_test", "--out", run_dir]
+        args = [*COMMON, *TRAINED[name], "--time_budget", str(minutes), "--trace_test", "--eval_every", "2",
+                "--out", run_dir]
         wall = _run(args, os.path.join(out, f"{name}.log"))
         m = _load(os.path.join(run_dir, "metrics.json"))
         res[name] = {"args": args, "wall_s": wall, "test": {k: m["test"][k] for k in ("recall@20", "ndcg@20")},
@@ -235,8 +246,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "time_to_quality"))
     ap.add_argument("--tune_users", type=int, default=3000, help="validation users scored per filter setting")
     ap.add_argument("--tune_budget", type=float, default=5.0, help="minutes per trained recipe on validation")
+    ap.add_argument("--only", nargs="+", default=None, help="tune_trained: run only these recipes, keep the others' results")
     ap.add_argument("--budget", type=float, default=30.0, help="minutes for the chosen trained route")
-    ap.add_argument("--baseline_budget", type=float, default=20.0, help="minutes for the BPR LightGCN baseline")
+    ap.add_argument("--baseline_budget", type=float, default=10.0, help="minutes for the BPR LightGCN baseline")
     a = ap.parse_args()
     stages = ["tune_filters", "final_filters", "tune_trained", "final_trained", "report"] if a.stage == "all" else [a.stage]
     for st in stages:
@@ -245,7 +257,7 @@ def main():
         elif st == "final_filters":
             final_filters(a.out)
         elif st == "tune_trained":
-            tune_trained(a.out, a.tune_budget)
+            tune_trained(a.out, a.tune_budget, a.only)
         elif st == "eval_speed":
             eval_speed(a.out)
         elif st == "final_trained":
