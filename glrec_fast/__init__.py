@@ -9,11 +9,13 @@ from . import ops, reference
 from .graph import (ITEM_COLD, ITEM_HEAD, ITEM_TAIL, USER_COLD, USER_WARM, BipartiteGraph)
 from .data import Dataset, load_dataset
 from .grokking import GrokkingMonitor
-from .models.hybrid import FusedHybridRec
+from .models.filters import GraphFilter
+from .models.hybrid import FusedHybridRec, ScoreFusion
 from .train import recommend
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "Dataset", "load_dataset", "GrokkingMonitor", "FusedHybridRec", "recommend",
+__all__ = ["ops", "reference", "Dataset", "load_dataset", "GrokkingMonitor", "FusedHybridRec", "ScoreFusion", "GraphFilter",
+           "recommend",
            "BipartiteGraph", "ITEM_COLD", "ITEM_HEAD", "ITEM_TAIL", "USER_COLD",
            "USER_WARM", "__version__"]

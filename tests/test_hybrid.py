@@ -231,3 +231,34 @@ def test_moving_the_model_moves_one_graph():
     assert m.graph is m.sage.graph
     m = m.to("meta")
     assert m.graph.rowptr.device.type == "meta" and m.graph is m.sage.graph
+
+
+def test_score_fusion_equals_plain_torch_and_reorders():
+    from glrec_fast.metrics import EmbeddingScorer
+    from glrec_fast.models.hybrid import ScoreFusion
+    torch.manual_seed(0)
+    gu, gi, tu, ti = torch.randn(7, 4), torch.randn(11, 4), torch.randn(7, 3), torch.randn(11, 3)
+    fused = ScoreFusion(EmbeddingScorer(gu, gi), EmbeddingScorer(tu, ti), 0.3)
+    users = torch.tensor([0, 3, 6])
+    z = lambda s: (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True)  # noqa: E731
+    want = 0.3 * z(gu[users] @ gi.T) + 0.7 * z(tu[users] @ ti.T)
+    torch.testing.assert_close(fused(users), want)
+    order = torch.randperm(11)
+    torch.testing.assert_close(fused.reorder(order)(users), want[:, order])
+    with pytest.raises(ValueError, match="weight"):
+        ScoreFusion(fused.graph_scorer, fused.text_scorer, 1.5)
+
+
+@pytest.mark.parametrize("true_weight", [0.3, 0.85])
+def test_score_weight_search_picks_the_best_validation_weight(true_weight):
+    """Each user's valid item is the top item of the mix at ``true_weight``: only that weight ranks
+    every valid item first, so the grid search must return it."""
+    from glrec_fast.models.hybrid import ScoreFusion, tune_score_weight
+    torch.manual_seed(1)
+    U, I = 300, 40
+    G, T = torch.randn(U, I), torch.randn(U, I)
+    mix = ScoreFusion(lambda u: G[u], lambda u: T[u], true_weight)
+    valid = torch.stack([torch.arange(U), mix(torch.arange(U)).argmax(1)], 1)
+    best, table = tune_score_weight(lambda u: G[u], lambda u: T[u], valid, U, I, batch_size=64)
+    assert best == pytest.approx(true_weight)
+    assert len(table) == 21 and dict(table)[true_weight]["ndcg@20"] == pytest.approx(1.0)

@@ -366,3 +366,71 @@ def build(cfg: dict, ds, graph, device) -> FusedHybridRec:
                           gate_init=cfg["gate_init"], user_gate=cfg["user_gate"],
                           cold_weight=cfg["cold_weight"], cold_gate=cfg["cold_gate"], fanouts=cfg["fanouts"],
                           sample_seed=cfg["seed"], gate_reg=cfg["gate_reg"])
+
+
+# ----------------------------------------------------------------------------- score-level fusion
+class ScoreFusion:
+    """Score-level static mix of two rankers: ``a * z(graph scores) + (1 - a) * z(text scores)``.
+
+    Any two scorers mix this way (a trained LightGCN, a fitted graph filter, the content-only
+    model). ``z`` standardises each user's row of scores (mean 0, std 1 over the items), so the one
+    weight means the same thing for branches whose raw scores live on different scales. Items a
+    branch cannot score (a graph filter gives cold items a constant) keep that branch's constant,
+    so among cold items the ranking is the text branch's. ``tune_score_weight`` picks ``a`` on
+    validation; no retraining is needed for any ``a``.
+    """
+
+    fresh_tiles = True
+
+    def __init__(self, graph_scorer, text_scorer, weight: float):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"weight: expected a share of the graph branch in [0, 1], got {weight!r}")
+        self.graph_scorer, self.text_scorer, self.weight = graph_scorer, text_scorer, float(weight)
+
+    @staticmethod
+    def standardise(s: torch.Tensor) -> torch.Tensor:
+        s = s.float()
+        std, mean = torch.std_mean(s, dim=1, keepdim=True)
+        return (s - mean) / std.clamp(min=1e-12)
+
+    def __call__(self, users):
+        a = self.weight
+        out = self.standardise(self.graph_scorer(users)).mul_(a)
+        return out.add_(self.standardise(self.text_scorer(users)), alpha=1.0 - a)
+
+    def reorder(self, order):
+        def re(s):
+            if hasattr(s, "reorder"):
+                return s.reorder(order)
+            return lambda us: (lambda t: t.index_select(1, order.to(t.device)))(s(us))
+        return ScoreFusion(re(self.graph_scorer), re(self.text_scorer), self.weight)
+
+
+@torch.no_grad()
+def tune_score_weight(graph_scorer, text_scorer, valid: torch.Tensor, num_users: int, num_items: int,
+                      exclude=(), grid=None, key: str = "ndcg@20", batch_size: int = 1024) -> tuple[float, list]:
+    """The weight ``a`` of ``ScoreFusion`` with the best validation ``key`` over ``grid`` (default 0 to
+    1 in steps of 0.05; ties go to the smaller weight), and the (a, valid metrics) table. Each user
+    batch is scored once per branch; every weight is a weighted sum of the two standardised tiles."""
+    from .. import metrics
+    grid = [round(0.05 * j, 2) for j in range(21)] if grid is None else [float(a) for a in grid]
+    users = torch.unique(valid[:, 0])
+    sums = [dict() for _ in grid]
+    n = 0
+    for start in range(0, users.numel(), batch_size):
+        ub = users[start:start + batch_size]
+        zg = ScoreFusion.standardise(graph_scorer(ub))
+        zt = ScoreFusion.standardise(text_scorer(ub))
+        vb = valid[torch.isin(valid[:, 0], ub)]
+        ex = [e[torch.isin(e[:, 0], ub)] for e in exclude]
+        for j, a in enumerate(grid):
+            tile = zg * a + zt * (1.0 - a)
+            m = metrics.evaluate(lambda us, tile=tile: tile, vb, num_users, num_items, exclude=ex, ks=(20,),
+                                 batch_size=ub.numel())
+            for name, v in m.items():
+                if name != "n_users" and v == v:
+                    sums[j][name] = sums[j].get(name, 0.0) + v * m["n_users"]
+        n += ub.numel()
+    table = [(a, {name: v / n for name, v in s.items()}) for a, s in zip(grid, sums)]
+    best = max(table, key=lambda t: (t[1].get(key, -1.0), -t[0]))
+    return best[0], table
