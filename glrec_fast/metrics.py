@@ -31,7 +31,7 @@ METRICS = ("recall", "ndcg", "precision", "hit", "mrr")
 CONTEXTS = {"cold": (ITEM_COLD,), "warm": (ITEM_HEAD, ITEM_TAIL), "head": (ITEM_HEAD,), "tail": (ITEM_TAIL,)}
 
 
-def _csr_of_pairs(pairs: torch.Tensor, num_users: int):
+def csr_of_pairs(pairs: torch.Tensor, num_users: int):
     """(rowptr, items) of a [n, 2] (user, item) tensor, grouped by user."""
     pairs = pairs.to(torch.long).cpu()
     order = torch.argsort(pairs[:, 0], stable=True)
@@ -42,17 +42,21 @@ def _csr_of_pairs(pairs: torch.Tensor, num_users: int):
     return rowptr, items
 
 
-def _batch_mask(rowptr, items, users: torch.Tensor, num_items: int, device) -> torch.Tensor:
-    """Dense bool [len(users), num_items] with True at each (user, item) pair of the CSR."""
+def csr_rows(rowptr: torch.Tensor, items: torch.Tensor, users: torch.Tensor):
+    """(row, col): every (position in ``users``, item) pair of the CSR rows of ``users``."""
     users = users.cpu()
-    starts, ends = rowptr[users], rowptr[users + 1]
-    lens = ends - starts
-    mask = torch.zeros((users.numel(), num_items), dtype=torch.bool, device=device)
+    starts, lens = rowptr[users], rowptr[users + 1] - rowptr[users]
     total = int(lens.sum())
-    if total:
-        row = torch.repeat_interleave(torch.arange(users.numel()), lens)
-        offs = torch.arange(total) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-        col = items[torch.repeat_interleave(starts, lens) + offs]
+    row = torch.repeat_interleave(torch.arange(users.numel()), lens, output_size=total)
+    offs = torch.arange(total) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens, output_size=total)
+    return row, items[torch.repeat_interleave(starts, lens, output_size=total) + offs]
+
+
+def batch_mask(rowptr, items, users: torch.Tensor, num_items: int, device) -> torch.Tensor:
+    """Dense bool [len(users), num_items] with True at each (user, item) pair of the CSR."""
+    mask = torch.zeros((users.numel(), num_items), dtype=torch.bool, device=device)
+    row, col = csr_rows(rowptr, items, users)
+    if row.numel():
         mask[row.to(device), col.to(device)] = True
     return mask
 
@@ -142,7 +146,7 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
 
     test = _relabel(test, rank)
     test_keys = torch.sort(test[:, 0] * num_items + test[:, 1]).values
-    excl = [_csr_of_pairs(_relabel(p, rank), num_users) for p in exclude]
+    excl = [csr_of_pairs(_relabel(p, rank), num_users) for p in exclude]
     # Relevant test items per (user, base context).
     if item_context is not None:
         lut = torch.full((max(base_names) + 1,), -1, dtype=torch.long)
@@ -182,12 +186,8 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
         if excl and not fresh_now:
             scores = scores.clone()
         for rp, it in excl:
-            starts, lens = rp[users], rp[users + 1] - rp[users]
-            if int(lens.sum()):
-                row = torch.repeat_interleave(torch.arange(users.numel()), lens)
-                offs = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-                col = it[torch.repeat_interleave(starts, lens) + offs]
-                scores[row.to(dev), col.to(dev)] = -math.inf
+            row, col = csr_rows(rp, it, users)
+            scores[row.to(dev), col.to(dev)] = -math.inf
         if discount.numel() != kmax or discount.device != dev:
             discount = 1.0 / torch.log2(torch.arange(kmax, device=dev, dtype=torch.float32) + 2.0)
         # One top-k per base range: (values, relabelled item ids).

@@ -16,7 +16,7 @@ import os
 import torch
 
 from .grokking import GrokkingMonitor
-from .metrics import _batch_mask, _csr_of_pairs
+from .metrics import batch_mask, csr_of_pairs
 
 log = logging.getLogger("glrec_fast.train")
 
@@ -39,8 +39,8 @@ class GrokkingCallback:
         gen = torch.Generator().manual_seed(self.seed)
         users = users[torch.randperm(users.numel(), generator=gen)[: self.sample_users]].sort().values
         self.users = users.to(device)
-        self.truth = _batch_mask(*_csr_of_pairs(pairs, ds.num_users), users, ds.num_items, device)
-        self.seen = _batch_mask(*_csr_of_pairs(ds.train, ds.num_users), users, ds.num_items, device)
+        self.truth = batch_mask(*csr_of_pairs(pairs, ds.num_users), users, ds.num_items, device)
+        self.seen = batch_mask(*csr_of_pairs(ds.train, ds.num_users), users, ds.num_items, device)
         self.n_rel = self.truth.sum(1).clamp(min=1)
         k = min(20, ds.num_items)
         disc = 1.0 / torch.log2(torch.arange(k, dtype=torch.float32) + 2.0)

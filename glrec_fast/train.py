@@ -446,17 +446,14 @@ def recommend(checkpoint_path, user_ids, k: int = 20, exclude_seen: bool = True,
         rows.append(j)
     score = scorer_from_export(ck)
     num_items = len(ck["item_ids"])
-    rowptr, items = metrics._csr_of_pairs(ck["train"], len(ck["user_ids"]))
+    rowptr, items = metrics.csr_of_pairs(ck["train"], len(ck["user_ids"]))
     users_all = torch.tensor(rows, dtype=torch.long)
     out = []
     for start in range(0, users_all.numel(), batch_size):
         users = users_all[start:start + batch_size]
         scores = score(users).float()
         if exclude_seen:
-            lens = rowptr[users + 1] - rowptr[users]
-            row = torch.repeat_interleave(torch.arange(users.numel()), lens)
-            offs = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-            scores[row, items[torch.repeat_interleave(rowptr[users], lens) + offs]] = -math.inf
+            scores[metrics.csr_rows(rowptr, items, users)] = -math.inf
         top = torch.topk(scores, min(k, num_items), dim=1).indices
         out.extend([ck["item_ids"][i] for i in r] for r in top.tolist())
     return out

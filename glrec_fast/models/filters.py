@@ -143,17 +143,16 @@ class GraphFilter(nn.Module):
 
     def _rows(self, users: torch.Tensor):
         """The users' training rows: (sparse CSR [len(users), I] of ones, the same dense as [I, len(users)])."""
+        from ..metrics import csr_rows
         g = self.graph.to("cpu")
         users = users.cpu()
-        starts, lens = g.user_rowptr[users], g.user_degree[users]
+        row, col = csr_rows(g.user_rowptr, g.user_col, users)
         rowptr = torch.zeros(users.numel() + 1, dtype=torch.long)
-        torch.cumsum(lens, 0, out=rowptr[1:])
-        offs = torch.arange(int(rowptr[-1])) - torch.repeat_interleave(rowptr[:-1], lens)
-        col = g.user_col[torch.repeat_interleave(starts, lens) + offs]
-        ones = torch.ones(col.numel())
-        sparse = torch.sparse_csr_tensor(rowptr, col, ones, (users.numel(), self.num_items), check_invariants=False)
+        torch.cumsum(g.user_degree[users], 0, out=rowptr[1:])
+        sparse = torch.sparse_csr_tensor(rowptr, col, torch.ones(col.numel()), (users.numel(), self.num_items),
+                                         check_invariants=False)
         dense_t = torch.zeros(self.num_items, users.numel())
-        dense_t[col, torch.repeat_interleave(torch.arange(users.numel()), lens)] = 1.0
+        dense_t[col, row] = 1.0
         return sparse, dense_t
 
     def _p(self, x: torch.Tensor, rt=None) -> torch.Tensor:
@@ -187,14 +186,13 @@ class GraphFilter(nn.Module):
 
     def reordered(self, order: torch.Tensor):
         """(R~^T with its rows, ideal_out with its columns, in ``order``): scores come out permuted."""
+        from ..metrics import csr_rows
         order = order.cpu()
         rt = self._rt
         rp, col, val = rt.crow_indices(), rt.col_indices(), rt.values()
-        lens = (rp[1:] - rp[:-1])[order]
         new_rp = torch.zeros_like(rp)
-        torch.cumsum(lens, 0, out=new_rp[1:])
-        src = torch.repeat_interleave(rp[:-1][order], lens) + (
-            torch.arange(int(new_rp[-1])) - torch.repeat_interleave(new_rp[:-1], lens))
+        torch.cumsum((rp[1:] - rp[:-1])[order], 0, out=new_rp[1:])
+        _, src = csr_rows(rp, torch.arange(col.numel()), order)      # entry ids, rows in ``order``
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
             rt_perm = torch.sparse_csr_tensor(new_rp, col[src], val[src], rt.shape, check_invariants=False)
