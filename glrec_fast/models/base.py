@@ -62,8 +62,14 @@ class Recommender(nn.Module):
     @torch.no_grad()
     def init_spectral(self, user: torch.Tensor, item: torch.Tensor, std: float) -> None:
         """Start the embedding tables at ``(user, item)`` (``losses.spectral_embeddings``), scaled so
-        that their entries have standard deviation ``std`` like the random initialisation."""
-        raise NotImplementedError(f"{type(self).__name__}: spectral initialisation is not supported")
+        that their entries have standard deviation ``std`` like the random initialisation. This
+        default serves every model whose ID table is ``self.ego`` (users first, then items)."""
+        ego = getattr(self, "ego", None)
+        if not isinstance(ego, nn.Embedding) or ego.weight.shape != (self.num_users + self.num_items, user.size(1)):
+            raise NotImplementedError(f"{type(self).__name__}: spectral initialisation needs an ID table "
+                                      f"[num_users + num_items, {user.size(1)}]")
+        both = torch.cat([user, item])
+        ego.weight.copy_(both * (std / both.std().clamp(min=1e-12)))
 
     @torch.no_grad()
     def export(self) -> dict[str, torch.Tensor]:

@@ -34,8 +34,3 @@ class LightGCN(Recommender):
     def ego_params(self, users, pos, neg):
         w = self.ego.weight
         return [w[users], w[self.num_users + pos], w[self.num_users + neg]]
-
-    @torch.no_grad()
-    def init_spectral(self, user, item, std):
-        both = torch.cat([user, item])
-        self.ego.weight.copy_(both * (std / both.std().clamp(min=1e-12)))
