@@ -11,7 +11,16 @@ from .data import Dataset, load_dataset
 from .grokking import GrokkingMonitor
 from .models.filters import GraphFilter
 from .models.hybrid import FusedHybridRec, ScoreFusion
-from .train import recommend
+
+
+def recommend(checkpoint_path, user_ids, k: int = 20, **kwargs):
+    """Top-``k`` original item ids per original user id from a best.pt (``train.recommend``).
+
+    Imported on call: importing ``glrec_fast.train`` with the package makes ``python -m
+    glrec_fast.train`` warn that the module was already in ``sys.modules``."""
+    from .train import recommend as _recommend
+    return _recommend(checkpoint_path, user_ids, k, **kwargs)
+
 
 __version__ = "0.1.0"
 
