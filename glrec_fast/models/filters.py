@@ -136,9 +136,9 @@ class GraphFilter(nn.Module):
         """``p(P~) x`` for columns ``x`` [I, n] by Horner's rule: ``len(coefs) - 1`` products."""
         acc = coefs[-1] * x
         for c in reversed(coefs[:-1]):
-            acc = self._p(acc)
+            acc = self._p(acc)          # a new tensor: the in-place add below is safe
             if c:
-                acc = acc + c * x
+                acc = acc.add_(x, alpha=c)
         return acc
 
     def _rows(self, users: torch.Tensor):
@@ -170,15 +170,9 @@ class GraphFilter(nn.Module):
         if not self._fitted:
             raise RuntimeError("GraphFilter: call fit() before scoring")
         r, x = self._rows(users)
-        # r P~ p(P~) = (P~ q(P~) x)^T with Horner's rule on the columns x = r^T [I, b]; only the
-        # last product decides the order of the output's items.
-        coefs = self.poly
-        acc = coefs[-1] * x
-        for c in reversed(coefs[:-1]):
-            acc = self._p(acc)
-            if c:
-                acc = acc.add_(x, alpha=c)
-        acc = self._p(acc, rt_out)
+        # r P~ p(P~) = (P~ p(P~) x)^T on the columns x = r^T [I, b]; only the last product decides
+        # the order of the output's items.
+        acc = self._p(self._apply_poly(x, self.poly), rt_out)
         if self.rank and self.ideal_weight:
             t = torch.sparse.mm(r, self.ideal_in)                      # r D^-1/2 V: [b, K], nnz x K work
             return torch.addmm(acc.T, t, ideal_out, alpha=self.ideal_weight)
@@ -258,9 +252,8 @@ def grid_search(graph, valid: torch.Tensor, exclude=(), ranks=(256,), ideal_weig
     from .. import metrics
     polys = [(s, sharpen_poly(*s)) for s in sharpen]
     degree = max(len(p) for _, p in polys)                 # r P~^1 .. r P~^degree are needed
-    base = GraphFilter(graph, rank=max(ranks), ideal_weight=1.0).fit() if max(ranks) else GraphFilter(
-        graph, rank=0, ideal_weight=0.0).fit()
-    v_half = base.ideal_out.T if max(ranks) else None       # [I, K] = D^1/2 V (p = 1 for the base)
+    base = GraphFilter(graph, rank=max(ranks)).fit()      # no sharpening: ideal_out = (D^1/2 V)^T
+    v_half = base.ideal_out.T if max(ranks) else None       # [I, K]
     w_pow = []                                              # [K, I]: V^T D^1/2 P~^j
     if v_half is not None:
         acc = v_half
