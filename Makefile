@@ -9,9 +9,16 @@ STAMP   = $(VENV)/.glrec-installed
 
 .PHONY: demo test bench env clean
 
-$(STAMP): requirements.txt setup.py $(wildcard csrc/*/*.cpp csrc/*/*/*.cpp csrc/*.cpp)
+# Every source the extension is built from (C++, CUDA, headers) and the Triton kernels. A CUDA
+# torch brings the Triton it was built with; a CPU torch gets requirements-cpu.txt's, for the
+# Triton interpreter (TRITON_INTERPRET=1 runs the kernel tests on the CPU).
+SOURCES = $(shell find csrc kernels -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.py' \))
+
+$(STAMP): requirements.txt requirements-cpu.txt setup.py pyproject.toml $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(PIP_ARGS) -r requirements.txt
+	if $(PY) -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; then \
+		$(PY) -m pip install -q $(PIP_ARGS) -r requirements-cpu.txt; fi
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -7,10 +7,59 @@ Set GLREC_NO_EXT=1 to install the pure-Python package without the compiled exten
 """
 import glob
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+_OMP_PROBE = "#include <omp.h>\nint main() { int n = 0;\n#pragma omp parallel\n n = omp_get_num_threads(); return n < 0; }\n"
+_CLONES_PROBE = ('__attribute__((target_clones("avx2", "default"))) int f(int x) { return x + 1; }\n'
+                 "int main() { return f(0) - 1; }\n")
+
+
+def _compiles(cxx: str, source: str, flags: list[str]) -> bool:
+    """Whether ``cxx flags`` compiles and links ``source`` into a program (what the build needs)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(source)
+        cmd = [cxx, *flags, src, "-o", os.path.join(d, "probe")]
+        return subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def _host_flags() -> tuple[list[str], list[str], list[tuple[str, str | None]]]:
+    """(compile flags, link flags, macros) this machine's C++ compiler accepts.
+
+    The kernels parallelise with ``at::parallel_for``, which is OpenMP inside an OpenMP build of
+    torch: without ``-fopenmp`` every loop runs on one thread, so OpenMP is used where the compiler
+    has it (clang: torch's own libgomp first, then libomp) and the build says so when it has not.
+    GCC's ``target_clones`` (per-ISA copies picked at load time) needs ifunc support; without it
+    one generic build is made.
+    """
+    if sys.platform == "win32":   # MSVC: no OpenMP runtime mixing, no target_clones
+        return ["/O2", "/std:c++17"], [], [("GLREC_NO_TARGET_CLONES", None)]
+    cxx = os.environ.get("CXX", "c++")   # the compiler torch's BuildExtension will call
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"glrec_fast build: C++ compiler {cxx!r} (from $CXX, default c++) not found; "
+                           f"install one (g++ or clang++) or set GLREC_NO_EXT=1 for the pure-Python package")
+    cflags, lflags, macros = ["-O3", "-std=c++17"], [], []
+    for omp in (["-fopenmp=libgomp"], ["-fopenmp"]):
+        if _compiles(cxx, _OMP_PROBE, omp):
+            cflags += omp
+            lflags += omp
+            break
+    else:
+        print(f"glrec_fast build: {cxx} has no usable OpenMP; the CPU kernels will run on one thread",
+              file=sys.stderr)
+        if _compiles(cxx, "int main() { return 0; }\n", ["-fopenmp-simd"]):
+            cflags.append("-fopenmp-simd")
+    if not _compiles(cxx, _CLONES_PROBE, ["-Werror"]):
+        macros.append(("GLREC_NO_TARGET_CLONES", None))
+    return cflags, lflags, macros
 
 
 def _ext_modules():
@@ -22,14 +71,18 @@ def _ext_modules():
     cpp = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cu = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None) or os.environ.get("GLREC_FORCE_CUDA") == "1"
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx, link, define = _host_flags()
+    # The torch this extension is compiled against; glrec_fast._backend compares it with the
+    # running torch at import and names the rebuild command when they differ.
+    define.append(("GLREC_TORCH_VERSION", torch.__version__))   # stringified in csrc/module.cpp
     nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
-    define = [("GLREC_WITH_CUDA", None)] if with_cuda and cu else []
     if with_cuda and cu:
+        define.append(("GLREC_WITH_CUDA", None))
         ext = CUDAExtension("glrec_fast._C", cpp + cu, define_macros=define,
-                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     else:
-        ext = CppExtension("glrec_fast._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext = CppExtension("glrec_fast._C", cpp, define_macros=define, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -39,17 +39,46 @@ def backend() -> str:
     return value
 
 
+REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall -e ."
+
+
+def version_mismatch(built: str | None, running: str) -> str | None:
+    """Why an extension compiled against torch ``built`` must not be trusted under torch ``running``
+    (None when they agree). torch's C++ ABI is not stable across releases; the local build tag
+    (``+cpu``, ``+cu130``) does not change it."""
+    base = lambda v: v.split("+")[0]   # noqa: E731
+    if built is None:
+        return "it does not record which torch it was built against (built before this check existed)"
+    if base(built) != base(running):
+        return f"it was built against torch {built} but torch {running} is running"
+    return None
+
+
 def load_extension():
-    """Import ``glrec_fast._C`` (which registers the C++/CUDA kernels). Returns the module or None."""
+    """Import ``glrec_fast._C`` (which registers the C++/CUDA kernels). Returns the module or None.
+
+    An extension built against another torch usually fails to import (undefined symbols); one
+    that imports but records another torch version is refused too, since its kernels could read
+    tensors with the wrong layout. Either way the message names the command that rebuilds it."""
     if "_C" in _state:
         return _state["_C"]
+    import torch
     try:
         mod = importlib.import_module("glrec_fast._C")
+        why = version_mismatch(getattr(mod, "torch_version", None), torch.__version__)
     except (ImportError, OSError) as e:
-        announce("_C", f"glrec_fast: compiled extension glrec_fast._C not loaded, CPU ops use the "
-                       f"pure-torch reference (slower) because of {e!r}. Build it with "
-                       f"`pip install --no-build-isolation -e .`")
+        mod, why = None, repr(e)
+        if "undefined symbol" in str(e) or "Symbol not found" in str(e):
+            why += " (an extension built against another torch version)"
+    if why is not None:
+        announce("_C", f"glrec_fast: compiled extension glrec_fast._C not used, CPU ops use the "
+                       f"pure-torch reference (slower): {why}. Rebuild it against the installed torch "
+                       f"from the source checkout with `{REBUILD}`")
         mod = None
+    elif not getattr(mod, "openmp", True) and torch.backends.openmp.is_available():
+        announce("_C_serial", "glrec_fast: compiled extension glrec_fast._C was built without OpenMP "
+                              "(its compiler had none), so its CPU kernels run on one thread; rebuild "
+                              f"with a compiler that has OpenMP (g++, or clang++ with libomp) using `{REBUILD}`")
     _state["_C"] = mod
     return mod
 

@@ -99,10 +99,10 @@ if torch.cuda.is_available():
 KERNELS: dict[str, dict[str, str]] = {}  # op -> device -> which kernel serves it (env_report)
 for _name, _ref in _REFERENCE_KERNELS.items():
     KERNELS[_name] = {"CPU": "C++ (_C)", "CUDA": "CUDA (_C)"}
-    if not _backend.extension_has(_name, "CPU"):
+    if _C is None or not _backend.extension_has(_name, "CPU"):   # (a refused _C may have registered)
         _lib.impl(_name, _ref, "CPU")
         KERNELS[_name]["CPU"] = "reference"
-    if not _backend.extension_has(_name, "CUDA"):
+    if _C is None or not _backend.extension_has(_name, "CUDA"):
         _lib.impl(_name, _TRITON_CUDA.get(_name, _ref), "CUDA")
         KERNELS[_name]["CUDA"] = "Triton" if _name in _TRITON_CUDA else "reference"
 

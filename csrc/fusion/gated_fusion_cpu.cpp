@@ -26,13 +26,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
 namespace glrec {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && \
+    !defined(GLREC_NO_TARGET_CLONES)  // setup.py defines it where the toolchain lacks ifunc
 #define GLREC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define GLREC_CLONES
@@ -52,7 +54,9 @@ inline float fast_sigmoid(float z) {
   p = p * x + 1.6666665459e-1f;
   p = p * x + 5.0000001201e-1f;
   p = p * x * x + x + 1.0f;
-  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);  // a bit cast every compiler folds to a register move
   return 1.0f / (1.0f + p * scale);
 }
 

@@ -30,7 +30,8 @@ namespace {
 
 // The row kernel is compiled for AVX-512 / AVX2 / baseline with runtime dispatch (GCC
 // target_clones), since setup.py builds for the baseline ISA (16-byte vectors).
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && \
+    !defined(GLREC_NO_TARGET_CLONES)  // setup.py defines it where the toolchain lacks ifunc
 #define GLREC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define GLREC_CLONES

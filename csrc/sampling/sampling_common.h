@@ -42,8 +42,14 @@ GLREC_HD uint64_t draw(uint64_t key, int64_t i) {
 GLREC_HD int64_t bounded(uint64_t r, int64_t n) {
 #if defined(__CUDA_ARCH__)
   return static_cast<int64_t>(__umul64hi(r, static_cast<uint64_t>(n)));
-#else
+#elif defined(__SIZEOF_INT128__)
   return static_cast<int64_t>((static_cast<unsigned __int128>(r) * static_cast<uint64_t>(n)) >> 64);
+#else  // no 128-bit integers (MSVC): the high word of the 64 x 64 product from 32-bit halves
+  const uint64_t m = static_cast<uint64_t>(n);
+  const uint64_t rl = r & 0xffffffffu, rh = r >> 32, ml = m & 0xffffffffu, mh = m >> 32;
+  const uint64_t lo = rl * ml, mid1 = rh * ml, mid2 = rl * mh;
+  const uint64_t carry = ((lo >> 32) + (mid1 & 0xffffffffu) + (mid2 & 0xffffffffu)) >> 32;
+  return static_cast<int64_t>(rh * mh + (mid1 >> 32) + (mid2 >> 32) + carry);
 #endif
 }
 
