@@ -31,10 +31,54 @@ def _csr(src: torch.Tensor, dst: torch.Tensor, num_rows: int):
     return rowptr, dst.contiguous(), counts
 
 
+def _check_csr(name: str, rowptr, col, num_rows: int, num_cols: int) -> None:
+    for part, t in (("rowptr", rowptr), ("col", col)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}_{part}: expected a 1-d integer tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if rowptr.numel() != num_rows + 1:
+        raise ValueError(f"{name}_rowptr: expected {num_rows + 1} entries (num rows + 1), got {rowptr.numel()}")
+    if int(rowptr[0]) != 0 or int(rowptr[-1]) != col.numel() or bool((rowptr[1:] < rowptr[:-1]).any()):
+        raise ValueError(f"{name}_rowptr: expected non-decreasing offsets from 0 to len({name}_col)="
+                         f"{col.numel()}, got {int(rowptr[0])}..{int(rowptr[-1])}")
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= num_cols):
+        raise ValueError(f"{name}_col: ids must lie in [0, {num_cols}), got [{int(col.min())}, {int(col.max())}]")
+
+
+def _check_symmetric(user_rowptr, user_col, item_rowptr, item_col, num_users: int, num_items: int) -> None:
+    """The user and item CSRs hold the same (user, item) pairs, each once (module docstring)."""
+    _check_csr("user", user_rowptr, user_col, num_users, num_items)
+    _check_csr("item", item_rowptr, item_col, num_items, num_users)
+    if user_col.numel() != item_col.numel():
+        raise ValueError(f"user_col has {user_col.numel()} edges but item_col {item_col.numel()}: the two CSRs "
+                         f"must hold the same (user, item) pairs (a symmetric adjacency)")
+    rows = lambda rp: torch.repeat_interleave(torch.arange(rp.numel() - 1), (rp[1:] - rp[:-1]).cpu())  # noqa: E731
+    a = rows(user_rowptr.cpu()) * num_items + user_col.cpu().long()
+    b = item_col.cpu().long() * num_items + rows(item_rowptr.cpu())
+    a, b = torch.sort(a).values, torch.sort(b).values
+    if a.numel() > 1 and bool((a[1:] == a[:-1]).any()):
+        k = int(a[1:][a[1:] == a[:-1]][0])
+        raise ValueError(f"user CSR: duplicate edge (user {k // num_items}, item {k % num_items}); "
+                         f"use BipartiteGraph.from_interactions, which merges duplicates")
+    if not torch.equal(a, b):
+        k = int(a[(a != b).nonzero()[0, 0]])
+        raise ValueError(f"the item CSR is not the transpose of the user CSR (first difference near user "
+                         f"{k // num_items}, item {k % num_items}): propagate's backward assumes a symmetric "
+                         f"adjacency; build the graph with BipartiteGraph.from_interactions")
+
+
 class BipartiteGraph:
     """CSR user→item and item→user, degrees, symmetric normalisation and contexts."""
 
-    def __init__(self, user_rowptr, user_col, item_rowptr, item_col, num_users: int, num_items: int):
+    def __init__(self, user_rowptr, user_col, item_rowptr, item_col, num_users: int, num_items: int,
+                 validate: bool = True):
+        """From the two CSRs of one interaction set: ``user_rowptr/user_col`` (user -> items) and
+        ``item_rowptr/item_col`` (item -> users). They must hold the same edges, each seen from its
+        side, with no duplicates: the propagation's backward reuses the forward, which is right only
+        for that symmetric adjacency. ``validate`` checks it (O(E log E); ``from_interactions``
+        builds both sides from one edge list and skips it) and raises ValueError otherwise."""
+        if validate:
+            _check_symmetric(user_rowptr, user_col, item_rowptr, item_col, int(num_users), int(num_items))
         self.num_users = int(num_users)
         self.num_items = int(num_items)
         self.user_rowptr, self.user_col = user_rowptr, user_col    # user -> items
@@ -71,7 +115,7 @@ class BipartiteGraph:
         u, i = edges[:, 0].contiguous(), edges[:, 1].contiguous()
         urp, ucol, _ = _csr(u, i, num_users)
         irp, icol, _ = _csr(i, u, num_items)
-        return cls(urp, ucol, irp, icol, num_users, num_items)
+        return cls(urp, ucol, irp, icol, num_users, num_items, validate=False)
 
     # ------------------------------------------------------------------ properties
     @property

