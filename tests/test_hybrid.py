@@ -6,7 +6,7 @@ import torch
 
 from conftest import minilm
 from glrec_fast import BipartiteGraph, reference, train
-from glrec_fast.graph import ITEM_COLD
+from glrec_fast.graph import ITEM_COLD, USER_COLD
 from glrec_fast.models.hybrid import FusedHybridRec, user_gate_ids
 
 
@@ -265,3 +265,21 @@ def test_score_weight_search_picks_the_best_validation_weight(true_weight):
     best, table = tune_score_weight(lambda u: G[u], lambda u: T[u], valid, U, I, batch_size=64)
     assert best == pytest.approx(true_weight)
     assert len(table) == 21 and dict(table)[true_weight]["ndcg@20"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("branch", ["lightgcn", "graphsage"])
+def test_cold_users_have_no_graph_embedding(branch):
+    # Users 0 and 1 have no training interaction: like cold items, their graph vector is zero (not
+    # the random initial one), in ranking and in a training batch; their scores come from text.
+    e = torch.tensor([[u, i] for u in range(2, 12) for i in range(u % 4, 20, 3)])
+    g = BipartiteGraph.from_interactions(e, 12, 20)
+    assert torch.equal(torch.nonzero(g.user_context == USER_COLD).flatten(), torch.tensor([0, 1]))
+    m = FusedHybridRec(g, torch.randn(20, 12), user_content=torch.randn(12, 12), dim=8, num_layers=2,
+                       text_hidden=16, graph_branch=branch, fanouts=[3, 3])
+    gu, _ = m.graph_embeddings()
+    assert torch.all(gu[:2] == 0) and torch.all(gu[2:].abs().sum(1) > 0)
+    users, items = torch.tensor([0, 1, 5]), torch.tensor([3, 4, 6, 7, 8, 9])
+    if branch == "graphsage":
+        m.prefetch(users, items[:3], items[3:])
+    gu_b, _ = m._graph_batch(users, items)
+    assert torch.all(gu_b[:2] == 0) and gu_b[2].abs().sum() > 0

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..graph import ITEM_COLD, ITEM_CONTEXT_NAMES, USER_CONTEXT_NAMES
+from ..graph import ITEM_COLD, ITEM_CONTEXT_NAMES, USER_COLD, USER_CONTEXT_NAMES
 from .base import Recommender, bpr_loss
 
 NUM_ITEM_CONTEXTS = 3            # ITEM_COLD, ITEM_HEAD, ITEM_TAIL
@@ -161,10 +161,11 @@ class FusedHybridRec(Recommender):
         else:
             out = ops.propagate(self.graph, self.ego.weight, self.num_layers)
             g_u, g_i = out[: self.num_users], out[self.num_users:]
-        # A cold item (no training interaction) has no graph signal: its graph embedding is zero,
-        # the same value the cold-start simulation gives dropped warm items.
-        cold = (self.item_context == ITEM_COLD).unsqueeze(1)
-        return g_u, g_i.masked_fill(cold, 0.0)
+        # A cold item or user (no training interaction) has no graph signal: its graph embedding is
+        # zero (not its random initial vector), the value the cold-start simulation gives dropped
+        # warm items; its score comes from the text branch alone.
+        return (g_u.masked_fill((self.user_context == USER_COLD).unsqueeze(1), 0.0),
+                g_i.masked_fill((self.item_context == ITEM_COLD).unsqueeze(1), 0.0))
 
     def text_item(self, items=None):
         return self.projector(self.content if items is None else self.content[items])
@@ -221,14 +222,14 @@ class FusedHybridRec(Recommender):
             self.sage.prefetch(users, pos, neg)
 
     def _graph_batch(self, users, items):
-        """Graph-branch vectors of a batch's users and items (cold items zero)."""
+        """Graph-branch vectors of a batch's users and items (cold ones zero)."""
         if self.graph_branch == "graphsage":
             B = users.numel()
             blocks = self.sage.blocks_for(users, items[:B], items[B:])
             h = self.sage.sampled_embeddings(blocks)[blocks.seed_local]
             gu_b, gi_b = h[:B], h[B:]
-            cold = (self.item_context[items] == ITEM_COLD).unsqueeze(1)
-            return gu_b, gi_b.masked_fill(cold, 0.0)
+            return (gu_b.masked_fill((self.user_context[users] == USER_COLD).unsqueeze(1), 0.0),
+                    gi_b.masked_fill((self.item_context[items] == ITEM_COLD).unsqueeze(1), 0.0))
         g_u, g_i = self.graph_embeddings()
         return g_u[users], g_i[items]
 
