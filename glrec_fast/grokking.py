@@ -25,7 +25,7 @@ back: no ``.item()``, no ``bool(tensor)``, no python branch on a tensor value. T
 
 The update is one op, ``torch.ops.glrec.grokking_observe``: a C++ kernel on CPU (one loop over the
 branches, ~24 us per observe() on the 2-core CI machine, most of it gathering the inputs) and the
-pure-torch ``observe_reference`` elsewhere (~150 queued elementwise ops; ~410 us of dispatch on
+pure-torch ``reference.grokking_observe`` elsewhere (~150 queued elementwise ops; ~410 us of dispatch on
 CPU). ``GLREC_BACKEND=reference`` forces the reference.
 
 Detection, per branch (every quantity is a [num_branches] tensor, updated in lockstep):
@@ -67,27 +67,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import _backend, ops  # noqa: F401  (ops defines torch.ops.glrec.grokking_observe)
+from . import _backend, ops, reference  # noqa: F401  (ops defines torch.ops.glrec.grokking_observe)
+from .reference import EVENT_FIELDS, HISTORY_FIELDS, KERNEL_CONFIG, STATE_ROWS  # the op's layout
 
 __all__ = ["GrokkingMonitor", "EVENT_KINDS", "EVENT_FIELDS", "HISTORY_FIELDS"]
 
 EVENT_KINDS = ("grok", "ungrok")
-# One event record (a row of float64; step and branch/kind indices are exact integers there).
-EVENT_FIELDS = ("step", "branch", "kind", "jump", "value", "baseline", "statistic", "threshold",
-                "weight_norm_change", "prior")
-# One history record per observe() call: these fields x branches.
-HISTORY_FIELDS = ("train_loss", "weight_norm", "val_metric", "train_ema", "weight_norm_ema", "baseline",
-                  "stat_up", "stat_down", "armed", "fusion_prior")
-# Rows of the per-branch state tensor [len(STATE_ROWS), num_branches].
-STATE_ROWS = ("train_ema", "weight_norm_ema", "val_last",       # "levels": rows as in the input vals
-              "seen_train", "seen_weight_norm", "seen_val",     # finite observations so far
-              "train_init", "fit_run", "noise_var", "ph_n", "ph_mean", "ph_up", "ph_down",
-              "ph_up_min", "ph_down_min", "refractory_left", "fusion_prior")
 _ROW = {name: i for i, name in enumerate(STATE_ROWS)}
-# Order of the float config list handed to the observe kernel.
-KERNEL_CONFIG = ("ema_alpha", "fit_ratio", "flat_tol", "patience", "min_jump", "drift", "threshold",
-                 "drift_sigmas", "jump_sigmas", "threshold_sigmas", "weight_norm_tol", "weight_norm_discount",
-                 "refractory", "respond", "prior_step", "prior_bound", "max_events")
 _STATE = ("state", "ring", "event_buf", "event_count")
 _REAL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
                           torch.int16, torch.int32, torch.int64})
@@ -306,7 +292,7 @@ class GrokkingMonitor:
         row = self._history_row() if self.config["keep_history"] else self._no_history
         # torch.ops.glrec.grokking_observe: the C++ kernel on CPU (one call instead of ~150 tiny
         # ops), the pure-torch reference elsewhere (CUDA: queued elementwise kernels, no sync).
-        kernel = observe_reference if _backend.backend() == "reference" else torch.ops.glrec.grokking_observe
+        kernel = reference.grokking_observe if _backend.backend() == "reference" else torch.ops.glrec.grokking_observe
         kernel(self.state, self.ring, self.event_buf, self.event_count, row, vals, self._kernel_config, step,
                self.calls % self.config["window"])
         if row.numel():
@@ -377,106 +363,3 @@ def _event_dtype(device: torch.device) -> torch.dtype:
 def _check_int(name: str, value, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {value!r}")
-
-
-def observe_reference(state: torch.Tensor, ring: torch.Tensor, event_buf: torch.Tensor, event_count: torch.Tensor,
-                      history_row: torch.Tensor, vals: torch.Tensor, config: list[float], step: int,
-                      slot: int) -> None:
-    """One monitor update in pure torch, in place (see the module doc for the method).
-
-    state [len(STATE_ROWS), B]; ring [window, 3, B] (levels of past calls, slot = calls % window);
-    event_buf [max_events + B, len(EVENT_FIELDS)]; event_count int64 0-dim; history_row
-    [len(HISTORY_FIELDS), B] or empty (no history); vals [3, B] = train loss, weight norm, val
-    metric (NaN = not observed); config = floats in KERNEL_CONFIG order. Elementwise ops, one
-    index_copy_, no value read back: works on any device, including ``meta``.
-    """
-    c = dict(zip(KERNEL_CONFIG, config))
-    (tr_ema, wn_ema0, val_last, seen_t, seen_w, seen_v, train_init, fit_run, noise_var, ph_n, ph_mean,
-     ph_up, ph_dn, ph_up_min, ph_dn_min, refractory_left, prior) = state.unbind(0)
-    levels, seen = state[0:3], state[3:6]
-    ok = vals.abs() < math.inf                             # finite (NaN compares False)
-    tl, wn, x = vals.unbind(0)
-    ok_t, _, ok_v = ok.unbind(0)
-
-    # EMAs of train loss and weight norm; the val row keeps the last value.
-    first = ok & (seen == 0)
-    smoothed = torch.cat([torch.lerp(levels[0:2], vals[0:2], c["ema_alpha"]), vals[2:3]])
-    new_levels = torch.where(ok, torch.where(first, vals, smoothed), levels)
-    new_seen = seen + ok.to(seen.dtype)
-    new_init = torch.where(first[0], tl, train_init)
-    ema_old, wn_old, val_old = ring[slot].unbind(0)        # the levels `window` calls ago
-    ema, wn_ema = new_levels[0], new_levels[1]
-
-    # 1. fit: low and flat training loss; armed = fit for `patience` calls before this one.
-    scale = new_init.abs()
-    fit_now = (ema <= c["fit_ratio"] * scale) & ((ema - ema_old).abs() <= c["flat_tol"] * scale)
-    armed = fit_run >= c["patience"]
-    new_fit_run = torch.where(ok_t, (fit_run + 1) * fit_now, fit_run)
-
-    # 3. weight norm evidence: relative change of its EMA over the window (NaN -> not falling).
-    wn_change = wn_ema / wn_old - 1
-    falling = wn_change < -c["weight_norm_tol"]
-
-    # Noise of the val metric from winsorised successive differences; effective thresholds.
-    sigma = noise_var.mul(0.5).sqrt()
-    lim = sigma.mul(4.0).add_(0.5 * c["min_jump"])
-    d = torch.clamp(x - val_last, -lim, lim)
-    new_noise = torch.where(d.abs() < math.inf, torch.lerp(noise_var, d * d, 0.1), noise_var)
-    drift = sigma.mul(c["drift_sigmas"]).clamp_(min=c["drift"])
-    min_jump = sigma.mul(c["jump_sigmas"]).clamp_(min=c["min_jump"])
-    thr_dn = sigma.mul(c["threshold_sigmas"]).clamp_(min=c["threshold"])
-    thr_up = torch.where(falling, thr_dn * c["weight_norm_discount"], thr_dn)
-
-    # 2. two-sided Page–Hinkley on the val metric against the running mean since arming.
-    active = ok_v & armed & (refractory_left <= 0)
-    n1 = ph_n + 1
-    jump = x - ph_mean                                     # vs the baseline before x
-    mean = torch.where(ph_n > 0, ph_mean + jump / n1, x)
-    dev = x - mean
-    m_up = ph_up + dev - drift
-    m_dn = ph_dn - dev - drift
-    m_up_min = torch.minimum(ph_up_min, m_up)
-    m_dn_min = torch.minimum(ph_dn_min, m_dn)
-    stat_up, stat_dn = m_up - m_up_min, m_dn - m_dn_min
-    grok = active & (stat_up > thr_up) & (jump > min_jump)
-    ungrok = active & (stat_dn > thr_dn) & (jump < -min_jump)
-    fired = grok | ungrok
-
-    # Restart the statistics where the branch is not armed, refractory, or just fired.
-    keep = active & ~fired
-    restart = ok_v & ~keep
-    zero = torch.zeros_like(x)
-    new_ph = [torch.where(keep, new, torch.where(restart, fresh, old)) for new, fresh, old in (
-        (n1, torch.ones_like(x), ph_n), (mean, x, ph_mean), (m_up, zero, ph_up), (m_dn, zero, ph_dn),
-        (m_up_min, zero, ph_up_min), (m_dn_min, zero, ph_dn_min))]
-    # 4. refractory: counts down only on calls whose metric has settled: moved less than the
-    # allowance plus noise over the window. (min_jump here let a slow grok - 0.12 accuracy per
-    # window - fire twice on modular addition, seed 1.)
-    settled = (x - val_old).abs() <= drift + 4.0 * sigma
-    left = torch.where(ok_v & settled, (refractory_left - 1).clamp_(min=0), refractory_left)
-    new_left = torch.where(fired, torch.full_like(x, c["refractory"]), left)
-
-    # Response: a bounded move of the fusion prior toward a grokking branch (away on ungrok).
-    if c["respond"]:
-        move = (grok.to(x.dtype) - ungrok.to(x.dtype)) * c["prior_step"]
-        new_prior = (prior + move).clamp_(-c["prior_bound"], c["prior_bound"])
-    else:
-        new_prior = prior
-
-    # Events: fired branches take the next ring slots after event_count, the others scratch rows.
-    E, B = int(c["max_events"]), x.numel()
-    branch_ids = torch.arange(B, device=x.device, dtype=event_buf.dtype)
-    rows = torch.where(fired, torch.remainder(event_count + fired.cumsum(0) - 1, E),
-                       torch.arange(E, E + B, device=x.device))
-    record = torch.stack([torch.full_like(branch_ids, step), branch_ids, ungrok.to(event_buf.dtype), jump, x,
-                          ph_mean, torch.where(ungrok, stat_dn, stat_up), torch.where(ungrok, thr_dn, thr_up),
-                          wn_change, new_prior], 1)
-    event_buf.index_copy_(0, rows, record.to(event_buf.dtype))
-    event_count.add_(fired.sum())
-
-    if history_row.numel():
-        torch.stack([tl, wn, x, ema, wn_ema, torch.where(armed, ph_mean, torch.full_like(x, math.nan)), stat_up,
-                     stat_dn, armed.to(x.dtype), new_prior], out=history_row)
-    ring[slot] = new_levels
-    state.copy_(torch.cat([new_levels, new_seen, torch.stack([new_init, new_fit_run, new_noise, *new_ph,
-                                                              new_left, new_prior])]))

@@ -47,36 +47,19 @@ def _ref_gated_fusion_kernel(e_graph, e_text, context, gate_weight, gate_bias):
     return reference.gated_fusion(e_graph, e_text, context, gate_weight, gate_bias)
 
 
-def _ref_gated_fusion_backward_kernel(grad_out, e_graph, e_text, context, gate_weight, gate_bias):
-    """Closed-form gradients of ``reference.gated_fusion`` (float32 math)."""
-    go, eg, et = grad_out.float(), e_graph.float(), e_text.float()
-    w = gate_weight[context].float()
-    g = torch.sigmoid(w[:, 0] * eg + w[:, 1] * et + gate_bias[context].float())
-    dl = go * (eg - et) * g * (1 - g)
-    d_eg = go * g + dl * w[:, 0]
-    d_et = go * (1 - g) + dl * w[:, 1]
-    C, d = gate_bias.shape
-    d_w = torch.zeros((C, 2, d), dtype=torch.float32, device=eg.device)
-    d_w[:, 0].index_add_(0, context, dl * eg)
-    d_w[:, 1].index_add_(0, context, dl * et)
-    d_b = torch.zeros((C, d), dtype=torch.float32, device=eg.device).index_add_(0, context, dl)
-    return (d_eg.to(e_graph.dtype), d_et.to(e_text.dtype), d_w.to(gate_weight.dtype), d_b.to(gate_bias.dtype))
-
-
 def _ref_neighbor_sample_kernel(rowptr, col, seeds, fanouts, replace=False, seed=0):
     return reference.neighbor_sample(rowptr, col, seeds, fanouts, replace, seed)
 
 
 def _ref_grokking_observe_kernel(state, ring, event_buf, event_count, history_row, vals, config, step, slot):
-    from .grokking import observe_reference  # the monitor's pure-torch update lives with the monitor
-    observe_reference(state, ring, event_buf, event_count, history_row, vals, config, step, slot)
+    reference.grokking_observe(state, ring, event_buf, event_count, history_row, vals, config, step, slot)
 
 
 _REFERENCE_KERNELS = {
     "grokking_observe": _ref_grokking_observe_kernel,
     "propagate": _ref_propagate_kernel,
     "gated_fusion": _ref_gated_fusion_kernel,
-    "gated_fusion_backward": _ref_gated_fusion_backward_kernel,
+    "gated_fusion_backward": reference.gated_fusion_backward,
     "neighbor_sample": _ref_neighbor_sample_kernel,  # not differentiable: no autograd registered
 }
 

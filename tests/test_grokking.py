@@ -350,10 +350,10 @@ def test_compiled_kernel_rejects_bad_layouts():
 # --------------------------------------------------------------------------- no host sync
 def test_observe_reads_no_value_meta_device(monkeypatch):
     # Meta tensors have no values: any .item()/bool()/tolist() inside observe() would raise.
-    import glrec_fast.grokking as grokking
+    from glrec_fast import reference
     calls = []
-    real = grokking.observe_reference
-    monkeypatch.setattr(grokking, "observe_reference", lambda *a: (calls.append(1), real(*a)))
+    real = reference.grokking_observe
+    monkeypatch.setattr(reference, "grokking_observe", lambda *a: (calls.append(1), real(*a)))
     mon = GrokkingMonitor(["graph", "text", "fused"], device="meta")
     meta = lambda: torch.empty((), device="meta")  # noqa: E731
     for t in range(40):

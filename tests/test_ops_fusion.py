@@ -48,6 +48,17 @@ def rel_err(a, b):
 SHAPES = [(1, 64, 3), (97, 59, 3), (97, 128, 2), (1025, 64, 3), (1025, 59, 11), (300, 16, 1)]
 
 
+@pytest.mark.parametrize("n,d,num_ctx", SHAPES)
+def test_reference_closed_form_backward_matches_autograd(n, d, num_ctx):
+    # reference.gated_fusion_backward serves every device without a kernel: it must equal autograd.
+    eg, et, ctx, w, b = make_inputs(n, d, num_ctx, seed=n * 3 + d)
+    go = torch.randn(n, d)
+    _, want = reference_grads(eg, et, ctx, w, b, go)
+    got = reference.gated_fusion_backward(go, eg, et, ctx, w, b)
+    for g, r, name in zip(got, want, ("e_graph", "e_text", "gate_weight", "gate_bias")):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
 # --------------------------------------------------------------------------- C++ CPU kernels
 def test_cpu_kernels_are_the_compiled_extension():
     import glrec_fast._C  # noqa: F401  (fails, not skips, when the extension is not built)

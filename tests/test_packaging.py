@@ -126,3 +126,38 @@ def test_clang_build_works(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """glrec_fast module -> the glrec_fast modules it imports, at top level or inside a function."""
+    import ast
+    root = REPO / "glrec_fast"
+    mods = {}
+    for f in root.rglob("*.py"):
+        parts = list(f.relative_to(REPO).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    edges = {m: set() for m in mods}
+    for m, f in mods.items():
+        pkg = m.split(".") if f.name == "__init__.py" else m.split(".")[:-1]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(pkg[: len(pkg) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module
+                for a in node.names:
+                    t = f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+                    if t in mods and t != m:
+                        edges[m].add(t)
+            elif isinstance(node, ast.Import):
+                edges[m] |= {a.name for a in node.names if a.name in mods and a.name != m}
+    return edges
+
+
+def test_no_import_cycles():
+    edges = _package_imports()
+    assert "glrec_fast.reference" in edges["glrec_fast.ops"]       # the walk sees relative imports
+    assert "glrec_fast.train" in edges["glrec_fast"]               # and imports inside functions
+
+    def reaches(src, dst, seen):
+        return any(n == dst or (n not in seen and not seen.add(n) and reaches(n, dst, seen)) for n in edges[src])
+    cycles = sorted(m for m in edges if reaches(m, m, set()))
+    assert not cycles, f"modules on an import cycle: {cycles}"
