@@ -106,23 +106,65 @@ def build_model(cfg, ds, graph: BipartiteGraph, device):
     raise ValueError(f"model: unknown {name!r}; expected mf | lightgcn | graphsage | hybrid | gfcf | bspm")
 
 
+MODELS = ("mf", "lightgcn", "graphsage", "hybrid", "gfcf", "bspm")
+
+
+def check_config(cfg: dict) -> None:
+    """Every choice and range in the configuration, and that the dataset is on this machine, checked
+    before anything is loaded: raises ValueError (or DatasetNotFoundError) naming the key, what it
+    got and what it expects. The models check their own arguments again when built from Python."""
+    from .data.registry import locate
+    from .models.filters import SOLVERS
+    from .models.hybrid import COLD_GATES, FUSIONS, GRAPH_BRANCHES, USER_GATES
+    from .text.encoders import ENCODER_NAMES
+
+    choices = {"model": MODELS, "split": (None, "given", "random", "cold"), "loss": ("bpr", "softmax"),
+               "init": ("normal", "spectral"), "sharpen_solver": SOLVERS, "encoder": ENCODER_NAMES,
+               "graph_branch": GRAPH_BRANCHES, "fusion": FUSIONS, "cold_gate": COLD_GATES, "user_gate": USER_GATES}
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise ValueError(f"{key}: expected one of {' | '.join(str(a) for a in allowed)}, got {cfg[key]!r}")
+    at_least = {"emb_dim": 1, "epochs": 1, "batch_size": 1, "eval_every": 1, "eval_batch_size": 1,
+                "num_negatives": 1, "text_hidden": 1, "grok_every": 1, "grok_sample_users": 1, "sharpen_steps": 1,
+                "num_layers": 0, "patience": 0, "filter_rank": 0, "synthetic_users": 1, "synthetic_items": 1,
+                "synthetic_interactions": 1, "num_threads": 1}
+    for key, lo in at_least.items():
+        if cfg[key] is not None and cfg[key] < lo:
+            raise ValueError(f"{key}: expected an integer >= {lo}, got {cfg[key]!r}")
+    positive = ("lr", "temperature", "init_std", "time_budget")
+    for key in positive:
+        if cfg[key] is not None and not cfg[key] > 0:
+            raise ValueError(f"{key}: expected a number > 0, got {cfg[key]!r}")
+    for key in ("reg_weight", "weight_decay", "aux_weight", "cold_weight", "gate_reg", "ideal_weight", "sharpen_time"):
+        if not cfg[key] >= 0:
+            raise ValueError(f"{key}: expected a number >= 0, got {cfg[key]!r}")
+    for key, lo, hi in (("valid_fraction", 0.0, 1.0), ("cold_drop", 0.0, 1.0)):
+        if not lo <= cfg[key] < hi:
+            raise ValueError(f"{key}: expected a fraction in [{lo}, {hi}), got {cfg[key]!r}")
+    for key in ("static_weight", "gate_init"):
+        if not 0.0 <= cfg[key] <= 1.0:
+            raise ValueError(f"{key}: expected a share in [0, 1], got {cfg[key]!r}")
+    if not cfg["topk"] or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in cfg["topk"]):
+        raise ValueError(f"topk: expected a list of positive integers, got {cfg['topk']!r}")
+    if not cfg["fanouts"] or any(isinstance(f, bool) or not isinstance(f, int) or (f < 1 and f != -1)
+                                 for f in cfg["fanouts"]):
+        raise ValueError(f"fanouts: expected a list of positive integers (-1 = every neighbour), got {cfg['fanouts']!r}")
+    dev = str(cfg["device"])
+    if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ValueError(f"device: expected auto | cpu | cuda | cuda:N, got {dev!r}")
+    if cfg["loss"] == "softmax" and (cfg["model"] not in ("mf", "lightgcn") or cfg["sampled"]):
+        raise ValueError(f"loss: softmax is implemented for mf and full-graph lightgcn, not "
+                         f"{cfg['model']!r}{' (sampled)' if cfg['sampled'] else ''}; use --loss bpr")
+    if cfg["init"] == "spectral" and cfg["model"] in ("gfcf", "bspm"):
+        raise ValueError(f"init: spectral initialises trained models; {cfg['model']} is training-free")
+    locate(cfg["dataset"])
+
+
 def prepare_model(cfg, model, graph) -> None:
-    """The loss and initialisation choices that act on a built model (checked before training)."""
-    if cfg["loss"] not in ("bpr", "softmax"):
-        raise ValueError(f"loss: expected bpr | softmax, got {cfg['loss']!r}")
-    if cfg["init"] not in ("normal", "spectral"):
-        raise ValueError(f"init: expected normal | spectral, got {cfg['init']!r}")
+    """The loss and initialisation choices that act on a built model (``check_config`` checked them)."""
     if not model.trainable:
         return
     if cfg["loss"] == "softmax":
-        from .models.lightgcn import LightGCN
-        from .models.mf import MF
-        if not isinstance(model, (MF, LightGCN)) or cfg["sampled"]:
-            raise ValueError(f"loss: softmax is implemented for mf and full-graph lightgcn, not "
-                             f"{cfg['model']!r}{' (sampled)' if cfg['sampled'] else ''}; use --loss bpr")
-        if cfg["num_negatives"] < 1 or cfg["temperature"] <= 0:
-            raise ValueError(f"loss softmax: expected num_negatives >= 1 and temperature > 0, got "
-                             f"{cfg['num_negatives']} and {cfg['temperature']}")
         model.cosine = True
     if cfg["init"] == "spectral":
         from .models.losses import spectral_embeddings
@@ -174,6 +216,7 @@ def evaluate_split(model, ds, graph, split: str, cfg, device) -> dict:
 # ----------------------------------------------------------------------------- training
 def train(cfg: dict, callbacks=()) -> dict:
     """Run one training job described by ``cfg`` (see configs/default.yaml). Returns metrics."""
+    check_config(cfg)
     out = cfg["out"]
     _setup_logging(out)
     if cfg["num_threads"]:
@@ -474,13 +517,19 @@ def main(argv=None) -> int:
         print("Keys (configs/default.yaml):\n")
         print(config.defaults_text())
         return 0
+    from .checkpoint import UnsafeCheckpointError
+    from .data import DataError
     try:
         cfg = config.resolve(argv)
-    except (ValueError, FileNotFoundError) as e:
+        check_config(cfg)
+    except (ValueError, FileNotFoundError) as e:   # a user error: one line, no traceback
         print(f"glrec_fast.train: {e}", file=sys.stderr)
         return 2
     try:
         train(cfg, callbacks=default_callbacks(cfg))
+    except (DataError, UnsafeCheckpointError) as e:   # a bad data file or checkpoint: one line
+        print(f"glrec_fast.train: {e}", file=sys.stderr)
+        return 2
     except TrainingDiverged as e:
         log.error("%s", e)
         print(f"glrec_fast.train: {e}", file=sys.stderr)

@@ -109,6 +109,47 @@ def test_config_errors_are_reported(tmp_path, capsys):
     assert "bad.yaml" in capsys.readouterr().err
 
 
+def _cli(*args, env=None, timeout=300):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "glrec_fast.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model", "lightgcm"], "model: expected one of mf | lightgcn"),
+    (["--loss", "softmax", "--model", "hybrid"], "loss: softmax is implemented for mf"),
+    (["--lr", "-1"], "lr: expected a number > 0"),
+    (["--fanouts", "[0, 3]"], "fanouts: expected a list of positive integers"),
+    (["--device", "gpu"], "device: expected auto | cpu"),
+    (["--dataset", "gowala"], "'gowala' is neither a known dataset"),
+])
+def test_cli_user_errors_are_one_line_before_any_loading(tmp_path, args, says):
+    # The dataset folder is empty: a configuration error must be found before any data is read,
+    # and reported as one line (no traceback) with exit code 2.
+    out = tmp_path / "run"
+    r = _cli("--dataset", "gowalla", "--out", str(out), *args, env={"GLREC_DATA_DIR": str(tmp_path)})
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists()   # nothing was started
+
+
+def test_cli_missing_dataset_is_one_line(tmp_path):
+    r = _cli("--dataset", "gowalla", "--model", "mf", "--out", str(tmp_path / "run"),
+             env={"GLREC_DATA_DIR": str(tmp_path)})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "dataset 'gowalla' not found" in r.stderr and str(tmp_path) in r.stderr
+
+
+def test_cli_normal_start_prints_no_warning(tmp_path):
+    r = _cli("--dataset", "synthetic", "--synthetic_users", "60", "--synthetic_items", "40",
+             "--synthetic_interactions", "800", "--model", "mf", "--epochs", "1", "--grokking", "false",
+             "--out", str(tmp_path / "run"), env={"PYTHONWARNINGS": "default"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Warning" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
 def test_config_precedence(tmp_path):
     from glrec_fast import config
     f = tmp_path / "c.yaml"

@@ -80,14 +80,29 @@ def load_dataset(name_or_path="synthetic", split: str | None = None, seed: int =
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"load_dataset: expected a dataset name, a path or a DataFrame-like, got "
                         f"{type(name_or_path).__name__}")
+    where = locate(name_or_path, data_dir)
+    if where[0] == "synthetic":
+        return make_synthetic(split=split or "cold", seed=seed, **kwargs)
+    _check_kwargs(kwargs, os.fspath(name_or_path))
+    if where[0] == "known":
+        _, key, folder = where
+        _, _, default_split, kind = KNOWN[key]
+        loader = load_lightgcn if kind == "lightgcn" else load_atomic
+        return loader(folder, name=key, split=split or default_split, seed=seed, **kwargs)
+    return _load_path(where[1], split, seed, kwargs)
+
+
+def locate(name_or_path, data_dir: str | os.PathLike | None = None) -> tuple:
+    """Where a dataset name or path points, without reading it: ``("synthetic",)``,
+    ``("known", name, folder)`` or ``("path", path)``. Raises DatasetNotFoundError (naming every
+    file looked for and where the data folder came from) when it is not on this machine."""
     raw = os.fspath(name_or_path)
     key = ALIASES.get(raw.lower(), raw.lower())
     if key == "synthetic":
-        return make_synthetic(split=split or "cold", seed=seed, **kwargs)
-    _check_kwargs(kwargs, raw)
+        return ("synthetic",)
     root, source = resolve_data_dir(data_dir)
     if key in KNOWN:
-        folder_name, files, default_split, kind = KNOWN[key]
+        folder_name, files, _, _ = KNOWN[key]
         folder = os.path.join(root, folder_name)
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if missing:
@@ -96,11 +111,10 @@ def load_dataset(name_or_path="synthetic", split: str | None = None, seed: int =
                 f"(data folder {root} from {source}). Set {ENV_VAR} to a folder that holds {folder_name}/"
                 f"{{{','.join(files)}}}, or fetch it once while online with "
                 f"glrec_fast.data.download({key!r}) (checks sha256).")
-        loader = load_lightgcn if kind == "lightgcn" else load_atomic
-        return loader(folder, name=key, split=split or default_split, seed=seed, **kwargs)
+        return ("known", key, folder)
     for path in (os.path.expanduser(raw), os.path.join(root, raw)):
         if os.path.exists(path):
-            return _load_path(path, split, seed, kwargs)
+            return ("path", path)
     raise DatasetNotFoundError(
         f"{raw!r} is neither a known dataset ({', '.join(['synthetic', *KNOWN])}) nor an existing path, "
         f"nor a folder under the data folder {root} (from {source}). Set {ENV_VAR}, pass a path, or fetch "
