@@ -8,10 +8,11 @@ evaluation time is off the clock).
 
     python bench/time_to_quality.py --stage tune_filters      # grid on validation (gfcf, bspm)
     python bench/time_to_quality.py --stage final_filters     # fit on full train with the choice, test once
-    python bench/time_to_quality.py --stage tune_trained      # short budgeted runs on validation
+    python bench/time_to_quality.py --stage tune_trained      # budgeted runs on validation (--tune_budget min)
     python bench/time_to_quality.py --stage final_trained     # the chosen recipe and the BPR baseline, test curves
     python bench/time_to_quality.py --stage report            # the table (markdown) and the PNG
     python bench/time_to_quality.py --stage eval_speed        # full-ranking evaluation time, all test users
+    python bench/time_to_quality.py --stage recommend_speed   # recommend() top-20 for every user, time and memory
 
 Each stage writes JSON under ``--out`` (default bench/results/time_to_quality) and reads what the
 earlier stages wrote; ``--stage all`` runs them in order. Needs ``GLREC_DATA_DIR`` with gowalla/.
@@ -59,6 +60,9 @@ TRAINED = {
     "mf-softmax-spectral-lr5e-3-t0.05": ["--model", "mf", "--loss", "softmax", "--init", "spectral",
                                          "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0",
                                          "--temperature", "0.05", "--num_negatives", "1024"],
+    "mf256-softmax-spectral-lr5e-3": ["--model", "mf", "--emb_dim", "256", "--loss", "softmax", "--init", "spectral",
+                                      "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0",
+                                      "--temperature", "0.1", "--num_negatives", "1024"],
     "lightgcn-softmax-spectral": ["--model", "lightgcn", "--loss", "softmax", "--init", "spectral",
                                   "--batch_size", "8192", "--lr", "0.001", "--reg_weight", "0",
                                   "--temperature", "0.1", "--num_negatives", "1024"],
@@ -126,7 +130,10 @@ def final_filters(out):
 
 def tune_trained(out, budget, only=None):
     path = os.path.join(out, "tune_trained.json")
-    res = _load(path)["runs"] if only and os.path.exists(path) else {}   # --only adds to earlier runs
+    res = {}
+    if only and os.path.exists(path):   # --only adds to earlier runs (each keeps the budget it ran at)
+        old = _load(path)
+        res = {n: dict(r, budget_min=r.get("budget_min", old["budget_min"])) for n, r in old["runs"].items()}
     for name, flags in TRAINED.items():
         if name == "lightgcn-bpr" or (only and name not in only):
             continue   # the untuned baseline: run as a new user would, never chosen
@@ -134,23 +141,33 @@ def tune_trained(out, budget, only=None):
         args = [*COMMON, *flags, "--valid_fraction", "0.1", "--time_budget", str(budget), "--out", run_dir]
         _run(args, os.path.join(out, f"tune-{name}.log"))
         m = _load(os.path.join(run_dir, "metrics.json"))
-        res[name] = {"flags": flags, "valid": {k: m["valid"][k] for k in ("recall@20", "ndcg@20")},
+        res[name] = {"flags": flags, "budget_min": budget,
+                     "valid": {k: m["valid"][k] for k in ("recall@20", "ndcg@20")},
                      "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
                      "curve": [{k: r[k] for k in ("epoch", "elapsed_s", "valid/recall@20", "valid/ndcg@20") if k in r}
                                for r in m["history"]]}
         print(name, res[name]["valid"], "epochs", m["epochs_run"])
-    best = max(res, key=lambda n: res[n]["valid"]["ndcg@20"])
+    # Recipes compete at the same budget: the best validation ndcg@20 among this call's budget.
+    same = [n for n in res if res[n]["budget_min"] == budget]
+    best = max(same, key=lambda n: res[n]["valid"]["ndcg@20"])
     _save(os.path.join(out, "tune_trained.json"), {"budget_min": budget, "runs": res, "chosen": best})
 
 
-def final_trained(out, budget, baseline_budget):
+def final_trained(out, baseline_budget, only=None):
     tuned = _load(os.path.join(out, "tune_trained.json"))
-    res = {}
-    for name, minutes in ((tuned["chosen"], budget), ("lightgcn-bpr", baseline_budget)):
+    path = os.path.join(out, "final_trained.json")
+    res = _load(path) if only and os.path.exists(path) else {}   # --only adds to earlier runs
+    chosen = tuned["runs"][tuned["chosen"]]
+    for name, minutes in ((tuned["chosen"], tuned["budget_min"]), ("lightgcn-bpr", baseline_budget)):
+        if only and name not in only:
+            continue
         run_dir = os.path.join(out, "runs", name)
-        # The epoch count is the budget's: validation picked the recipe at this budget, and with no
-        # validation set on the full train the last epoch is the model (no selection on test).
-        args = [*COMMON, *TRAINED[name], "--time_budget", str(minutes), "--trace_test", "--eval_every", "2",
+        # The training length is validation's: the tuning budget, or the best validation epoch when
+        # the recipe peaked before its budget ran out. With no validation set on the full train the
+        # last epoch is the model (no selection on test).
+        epochs = ["--epochs", str(chosen["best_epoch"])] if (
+            name == tuned["chosen"] and chosen["best_epoch"] < chosen["epochs_run"]) else []
+        args = [*COMMON, *TRAINED[name], *epochs, "--time_budget", str(minutes), "--trace_test", "--eval_every", "2",
                 "--out", run_dir]
         wall = _run(args, os.path.join(out, f"{name}.log"))
         m = _load(os.path.join(run_dir, "metrics.json"))
@@ -159,7 +176,7 @@ def final_trained(out, budget, baseline_budget):
                      "curve": [{k: r[k] for k in ("epoch", "elapsed_s", "test/recall@20", "test/ndcg@20") if k in r}
                                for r in m["history"]]}
         print(name, res[name]["test"], "epochs", m["epochs_run"])
-    _save(os.path.join(out, "final_trained.json"), res)
+    _save(path, res)
 
 
 def eval_speed(out):
@@ -184,6 +201,38 @@ def eval_speed(out):
     res = {"users": m["n_users"], "items": ds.num_items, "seconds": sorted(times)[1], "all_runs_s": times}
     _save(os.path.join(out, "eval_speed.json"), res)
     print(res)
+
+
+_RECOMMEND_PROBE = """
+import json, resource, sys, time, torch
+import glrec_fast as gl
+from glrec_fast import checkpoint
+torch.set_num_threads(2)
+ck = checkpoint.load(sys.argv[1])
+users = list(ck["user_ids"])
+del ck
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.time()
+top = gl.recommend(sys.argv[1], users, 20)
+sec = time.time() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"users": len(top), "k": len(top[0]), "seconds": sec, "peak_rss_mb": peak / 1024,
+                  "rss_before_mb": base / 1024}))
+"""
+
+
+def recommend_speed(out):
+    """``glrec_fast.recommend(best.pt, every user, 20)`` on the final Gowalla checkpoints: wall time
+    (checkpoint load included) and the process's peak resident memory, one fresh process each."""
+    res = {}
+    for name in ("lightgcn-bpr", "gfcf"):
+        path = os.path.join(out, "runs", name, "best.pt")
+        if not os.path.exists(path):
+            raise SystemExit(f"recommend_speed: {path} missing; run --stage final_trained / final_filters first")
+        proc = subprocess.run([PY, "-c", _RECOMMEND_PROBE, path], capture_output=True, text=True, check=True)
+        res[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(name, res[name])
+    _save(os.path.join(out, "recommend_speed.json"), res)
 
 
 def report(out):
@@ -250,13 +299,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", required=True,
                     choices=["tune_filters", "final_filters", "tune_trained", "final_trained", "report", "eval_speed",
-                             "all"])
+                             "recommend_speed", "all"])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "time_to_quality"))
     ap.add_argument("--tune_users", type=int, default=3000, help="validation users scored per filter setting")
     ap.add_argument("--tune_budget", type=float, default=5.0, help="minutes per trained recipe on validation")
-    ap.add_argument("--only", nargs="+", default=None, help="tune_trained: run only these recipes, keep the others' results")
-    ap.add_argument("--budget", type=float, default=5.0,
-                    help="minutes for the chosen trained route (default: the budget it was chosen at on validation)")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="tune_trained / final_trained: run only these recipes, keep the others' results")
     ap.add_argument("--baseline_budget", type=float, default=10.0, help="minutes for the BPR LightGCN baseline")
     a = ap.parse_args()
     stages = ["tune_filters", "final_filters", "tune_trained", "final_trained", "report"] if a.stage == "all" else [a.stage]
@@ -269,8 +317,10 @@ def main():
             tune_trained(a.out, a.tune_budget, a.only)
         elif st == "eval_speed":
             eval_speed(a.out)
+        elif st == "recommend_speed":
+            recommend_speed(a.out)
         elif st == "final_trained":
-            final_trained(a.out, a.budget, a.baseline_budget)
+            final_trained(a.out, a.baseline_budget, a.only)
         else:
             report(a.out)
 
