@@ -110,13 +110,14 @@ def sample_blocks(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor, 
 
 def bpr_blocks(graph, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, fanouts, seed: int = 0,
                replace: bool = False) -> Blocks:
-    """Blocks for a BPR batch on ``graph``'s joint CSR; ``seed_local`` is ``[users | pos | neg]``."""
+    """Blocks for a batch on ``graph``'s joint CSR; ``seed_local`` is ``[users | pos | neg]``.
+    ``neg`` holds one negative per triple (BPR) or any number shared by the batch (softmax)."""
     for name, t in (("users", users), ("pos", pos), ("neg", neg)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.long:
             raise ValueError(f"{name}: expected a 1-d int64 tensor, got "
                              f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not users.numel() == pos.numel() == neg.numel():
-        raise ValueError(f"users/pos/neg: expected equal lengths, got {users.numel()}, {pos.numel()}, {neg.numel()}")
+    if users.numel() != pos.numel():
+        raise ValueError(f"users/pos: expected equal lengths, got {users.numel()} and {pos.numel()}")
     dev = graph.rowptr.device
     seeds = torch.cat([users.to(dev), pos.to(dev) + graph.num_users, neg.to(dev) + graph.num_users])
     return sample_blocks(graph.rowptr, graph.col, seeds, fanouts, seed=seed, replace=replace)

@@ -152,9 +152,9 @@ def check_config(cfg: dict) -> None:
     dev = str(cfg["device"])
     if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
         raise ValueError(f"device: expected auto | cpu | cuda | cuda:N, got {dev!r}")
-    if cfg["loss"] == "softmax" and (cfg["model"] not in ("mf", "lightgcn") or cfg["sampled"]):
-        raise ValueError(f"loss: softmax is implemented for mf and full-graph lightgcn, not "
-                         f"{cfg['model']!r}{' (sampled)' if cfg['sampled'] else ''}; use --loss bpr")
+    if cfg["loss"] == "softmax" and cfg["model"] not in ("mf", "lightgcn", "graphsage"):
+        raise ValueError(f"loss: softmax is implemented for mf, lightgcn and graphsage, not "
+                         f"{cfg['model']!r}; use --loss bpr")
     if cfg["init"] == "spectral" and cfg["model"] in ("gfcf", "bspm"):
         raise ValueError(f"init: spectral initialises trained models; {cfg['model']} is training-free")
     locate(cfg["dataset"])
@@ -286,22 +286,29 @@ def train(cfg: dict, callbacks=()) -> dict:
         gen.manual_seed(cfg["seed"] * 1000003 + epoch)
         perm = torch.randperm(train_pairs.size(0), generator=gen)
         users_all, pos_all = train_pairs[perm, 0], train_pairs[perm, 1]
-        # BPR: one negative per triple; softmax: negatives are drawn per batch, shared by the batch.
-        neg_all = pos_all if softmax else sample_negatives(users_all, ds.num_items, train_keys, gen)
-        loss_sum = torch.zeros((), device=device)
         n_batches = math.ceil(train_pairs.size(0) / cfg["batch_size"])
+        # BPR: one negative per triple; softmax: num_negatives per batch, shared by the batch, drawn
+        # for the whole epoch up front so that a sampled model can prefetch the next batch's blocks.
+        if softmax:
+            negs_all = torch.randint(0, ds.num_items, (n_batches, cfg["num_negatives"]), generator=gen)
+        else:
+            neg_all = sample_negatives(users_all, ds.num_items, train_keys, gen)
+        batch_negs = (lambda b: negs_all[b]) if softmax else (
+            lambda b: neg_all[b * cfg["batch_size"]:(b + 1) * cfg["batch_size"]])
+        loss_sum = torch.zeros((), device=device)
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=None)
         for b in bar:
             sl = slice(b * cfg["batch_size"], (b + 1) * cfg["batch_size"])
-            users, pos, neg = (t[sl].to(device, non_blocking=True) for t in (users_all, pos_all, neg_all))
+            users, pos = (t[sl].to(device, non_blocking=True) for t in (users_all, pos_all))
+            neg = batch_negs(b).to(device, non_blocking=True)
             if hasattr(model, "prefetch") and b + 1 < n_batches:
                 # Sampled models (sampling.SampledTraining): the next batch's neighbourhood is drawn on a
                 # worker thread while this batch trains; its sample is the same as one drawn on the spot.
                 nxt = slice(sl.stop, sl.stop + cfg["batch_size"])
-                model.prefetch(*(t[nxt].to(device, non_blocking=True) for t in (users_all, pos_all, neg_all)))
+                model.prefetch(*(t[nxt].to(device, non_blocking=True) for t in (users_all, pos_all)),
+                               batch_negs(b + 1).to(device, non_blocking=True))
             if softmax:
-                negs = torch.randint(0, ds.num_items, (cfg["num_negatives"],), generator=gen).to(device)
-                loss, parts = model.softmax_loss(users, pos, negs, cfg["temperature"], cfg["reg_weight"])
+                loss, parts = model.softmax_loss(users, pos, neg, cfg["temperature"], cfg["reg_weight"])
             else:
                 loss, parts = model.loss(users, pos, neg, cfg["reg_weight"])
             opt.zero_grad(set_to_none=True)

@@ -209,7 +209,7 @@ def test_softmax_spectral_route_trains(tmp_path):
     assert m["test"]["ndcg@20"] > 0.25        # MF-BPR after 50 tuned epochs: 0.28 (README)
     with pytest.raises(ValueError, match="softmax"):
         from glrec_fast import config
-        cfg = config.resolve(BASE + ["--model", "graphsage", "--loss", "softmax", "--out", str(tmp_path / "x")])
+        cfg = config.resolve(BASE + ["--model", "hybrid", "--loss", "softmax", "--out", str(tmp_path / "x")])
         train.train(cfg)
 
 

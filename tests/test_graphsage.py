@@ -63,6 +63,28 @@ def test_graphsage_sampled_equals_full_with_all_neighbours(graph):
     assert model.ego.weight.grad is not None and model.lin_neigh[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("cls", [GraphSAGE, SampledLightGCN])
+def test_sampled_softmax_equals_the_full_graph_softmax_with_all_neighbours(graph, cls):
+    # --loss softmax on sampled blocks: [users | pos | shared negatives] of any count. With fanout -1
+    # the loss and every gradient must equal the same softmax on the full-graph embeddings.
+    from glrec_fast.models.losses import sampled_softmax
+    users, pos, _ = BATCH
+    negs = torch.tensor([4, 9, 11, 30, 58, 0, 1])    # 7 shared negatives (!= 5 users), an isolated item
+    model = cls(graph, dim=16, fanouts=[-1, -1])
+    model.prefetch(users, pos, negs)                 # what the training loop does one batch ahead
+    loss, parts = model.softmax_loss(users, pos, negs, 0.2, 0.0)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    u, i = model.embeddings()
+    want = sampled_softmax(u[users], i[pos], i[negs], pos, negs, 0.2)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert torch.isclose(parts["softmax"], want.detach())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_graphsage_full_embeddings_by_hand(graph):
     # One layer, checked against an explicit per-node loop over the one-way CSRs.
     model = GraphSAGE(graph, dim=8, fanouts=[4])
@@ -193,8 +215,10 @@ def _random_ndcg():
 
 
 @pytest.mark.parametrize("model_args", [["--model", "graphsage", "--fanouts", "[10,10]"],
-                                        ["--model", "lightgcn", "--sampled", "--fanouts", "[10,10,10]"]],
-                         ids=["graphsage", "sampled-lightgcn"])
+                                        ["--model", "lightgcn", "--sampled", "--fanouts", "[10,10,10]"],
+                                        ["--model", "graphsage", "--fanouts", "[10,10]", "--loss", "softmax",
+                                         "--num_negatives", "256", "--reg_weight", "0"]],
+                         ids=["graphsage", "sampled-lightgcn", "graphsage-softmax"])
 def test_trains_on_ml100k_and_beats_random(tmp_path, model_args):
     need_dataset("ml-100k")
     from glrec_fast import train

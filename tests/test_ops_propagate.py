@@ -278,3 +278,18 @@ def test_cuda_ops_autograd_and_bad_input():
 
 if __name__ == "__main__":  # the TRITON_INTERPRET=1 subprocess of the `interpreted` fixture
     print(json.dumps(_run_interpreter_cases()))
+
+
+def test_symmetric_backward_baseline_equals_autograd():
+    # reference.propagate_symmetric (the benchmarks' fair baseline) must be the same function with
+    # the same gradient as autograd through torch.sparse.mm, isolated nodes included.
+    g = random_graph(*SIZES[97], seed=11)
+    x = torch.randn(97, 16, requires_grad=True)
+    go = torch.randn(97, 16)
+    reference.propagate(g, x, 3).backward(go)
+    want = x.grad.clone()
+    x.grad = None
+    out = reference.propagate_symmetric(g, x, 3)
+    out.backward(go)
+    torch.testing.assert_close(out, reference.propagate(g, x.detach(), 3))
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)

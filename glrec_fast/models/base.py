@@ -51,11 +51,17 @@ class Recommender(nn.Module):
         bpr = bpr_loss(ps, ns)
         return bpr + reg_weight * reg, {"bpr": bpr.detach(), "reg": reg.detach()}
 
+    def batch_embeddings(self, users, pos, negs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final vectors of a batch's users, positives and negatives (any number of negatives).
+        Full-graph models gather rows of ``embeddings()``; sampled models compute them on blocks."""
+        u_emb, i_emb = self.embeddings()
+        return u_emb[users], i_emb[pos], i_emb[negs]
+
     def softmax_loss(self, users, pos, negs, temperature: float, reg_weight: float) -> tuple[torch.Tensor, dict]:
         """``losses.sampled_softmax`` of each (user, positive) against the shared negatives ``negs``."""
         from .losses import sampled_softmax
-        u_emb, i_emb = self.embeddings()
-        sm = sampled_softmax(u_emb[users], i_emb[pos], i_emb[negs], pos, negs, temperature)
+        u, p, n = self.batch_embeddings(users, pos, negs)
+        sm = sampled_softmax(u, p, n, pos, negs, temperature)
         reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, pos[:0])) / (2 * users.numel())
         return sm + reg_weight * reg, {"softmax": sm.detach(), "reg": reg.detach()}
 

@@ -31,7 +31,15 @@ log = logging.getLogger(__name__)
 
 
 def _split3(x: torch.Tensor, n: int):
+    """(users, positives, negatives) of ``[users | pos | negs]`` rows, ``n`` users."""
     return x[:n], x[n:2 * n], x[2 * n:]
+
+
+def _sampled_forward(self, users, pos, neg):
+    """BPR triples' scores and L2 term on the batch's sampled blocks (both sampled models)."""
+    u, p, n = self.batch_embeddings(users, pos, neg)
+    reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, neg)) / (2 * users.numel())
+    return (u * p).sum(-1), (u * n).sum(-1), reg
 
 
 class GraphSAGE(SampledTraining, Recommender):
@@ -63,12 +71,11 @@ class GraphSAGE(SampledTraining, Recommender):
             h = self._layer(t, h[: blocks.sizes[hop]], mean)
         return h
 
-    def forward(self, users, pos, neg):
-        blocks = self.blocks_for(users, pos, neg)
-        h = self.sampled_embeddings(blocks)[blocks.seed_local]
-        u, p, n = _split3(h, users.numel())
-        reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, neg)) / (2 * users.numel())
-        return (u * p).sum(-1), (u * n).sum(-1), reg
+    def batch_embeddings(self, users, pos, negs):
+        blocks = self.blocks_for(users, pos, negs)
+        return _split3(self.sampled_embeddings(blocks)[blocks.seed_local], users.numel())
+
+    forward = _sampled_forward
 
     def ego_params(self, users, pos, neg):
         w = self.ego.weight
@@ -106,12 +113,11 @@ class SampledLightGCN(SampledTraining, LightGCN):
         super().__init__(graph, dim, len(list(fanouts)), init_std)
         self._init_sampling(fanouts, replace, sample_seed)
 
-    def forward(self, users, pos, neg):
-        blocks = self.blocks_for(users, pos, neg)
-        e = lightgcn_sampled(self.ego.weight, self.graph, blocks)[blocks.seed_local]
-        u, p, n = _split3(e, users.numel())
-        reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, neg)) / (2 * users.numel())
-        return (u * p).sum(-1), (u * n).sum(-1), reg
+    def batch_embeddings(self, users, pos, negs):
+        blocks = self.blocks_for(users, pos, negs)
+        return _split3(lightgcn_sampled(self.ego.weight, self.graph, blocks)[blocks.seed_local], users.numel())
+
+    forward = _sampled_forward
     # embeddings() (evaluation) is LightGCN's: exact full-graph propagation through ops.propagate.
 
 
