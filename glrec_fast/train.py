@@ -152,11 +152,9 @@ def check_config(cfg: dict) -> None:
     dev = str(cfg["device"])
     if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
         raise ValueError(f"device: expected auto | cpu | cuda | cuda:N, got {dev!r}")
-    if cfg["loss"] == "softmax" and cfg["model"] not in ("mf", "lightgcn", "graphsage"):
-        raise ValueError(f"loss: softmax is implemented for mf, lightgcn and graphsage, not "
-                         f"{cfg['model']!r}; use --loss bpr")
-    if cfg["init"] == "spectral" and cfg["model"] in ("gfcf", "bspm"):
-        raise ValueError(f"init: spectral initialises trained models; {cfg['model']} is training-free")
+    for key, value in (("loss", "softmax"), ("init", "spectral")):
+        if cfg[key] == value and cfg["model"] in ("gfcf", "bspm"):
+            raise ValueError(f"{key}: {value} is for trained models; {cfg['model']} is training-free")
     locate(cfg["dataset"])
 
 

@@ -207,9 +207,9 @@ def test_softmax_spectral_route_trains(tmp_path):
     assert train.main(args) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["test"]["ndcg@20"] > 0.25        # MF-BPR after 50 tuned epochs: 0.28 (README)
-    with pytest.raises(ValueError, match="softmax"):
+    with pytest.raises(ValueError, match="softmax is for trained models"):
         from glrec_fast import config
-        cfg = config.resolve(BASE + ["--model", "hybrid", "--loss", "softmax", "--out", str(tmp_path / "x")])
+        cfg = config.resolve(BASE + ["--model", "bspm", "--loss", "softmax", "--out", str(tmp_path / "x")])
         train.train(cfg)
 
 

@@ -283,3 +283,54 @@ def test_cold_users_have_no_graph_embedding(branch):
         m.prefetch(users, items[:3], items[3:])
     gu_b, _ = m._graph_batch(users, items)
     assert torch.all(gu_b[:2] == 0) and gu_b[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("fusion, user_gate", [("gated", "item_context"), ("gated", "shared"), ("static", "item_context"),
+                                               ("graph", "item_context"), ("text", "item_context")])
+def test_softmax_loss_equals_the_softmax_on_ranking_embeddings(fusion, user_gate):
+    # --loss softmax for the hybrid: each positive and shared negative is scored exactly as ranking
+    # scores it (the user's vector through the gate of that item's context), so with no cold-start
+    # simulation the loss and its gradients equal the sampled softmax on embeddings()' rows.
+    from glrec_fast.models.losses import sampled_softmax
+    g, m = _model(fusion=fusion, user_gate=user_gate, cold_drop=0.0, aux_weight=0.0, cold_gate="vector")
+    with torch.no_grad():
+        m.gate_weight.normal_()
+        m.gate_bias.normal_()
+    users, pos = torch.tensor([0, 4, 4, 9, 17]), torch.tensor([1, 2, 7, 3, 19])
+    negs = torch.tensor([0, 5, 20, 21, 24, 8, 2])        # 20, 21, 24: cold items
+    loss, parts = m.softmax_loss(users, pos, negs, 0.3, 0.0)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    u, i = m.embeddings()
+    want = sampled_softmax(u[users], i[pos], i[negs], pos, negs, 0.3)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert set(got) == {n for n, p in m.named_parameters() if p.grad is not None}
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_softmax_loss_trains_every_part():
+    g, m = _model(cold_weight=0.5, gate_reg=1e-3)
+    m.train()
+    users, pos = torch.randint(0, g.num_users, (16,)), torch.randint(0, g.num_items - 5, (16,))
+    loss, parts = m.softmax_loss(users, pos, torch.randint(0, g.num_items, (32,)), 0.1, 1e-4)
+    loss.backward()
+    assert {"softmax", "softmax_graph", "softmax_text", "softmax_cold", "gate_reg", "reg"} <= set(parts)
+    assert m.ego.weight.grad.abs().sum() > 0 and m.gate_weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in m.projector.parameters())
+
+
+@minilm
+def test_cli_hybrid_softmax_trains(tmp_path):
+    out = tmp_path / "sm"
+    rc = train.main(["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
+                     "--synthetic_interactions", "6000", "--encoder", "minilm", "--epochs", "3",
+                     "--batch_size", "512", "--lr", "0.01", "--loss", "softmax", "--num_negatives", "128",
+                     "--reg_weight", "0", "--grokking", "false", "--num_threads", "1", "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    hist = m["history"]
+    assert hist[-1]["loss"] < hist[0]["loss"] and m["test"]["ndcg@20"] > 0.05, (hist, m["test"])

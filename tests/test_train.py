@@ -118,7 +118,7 @@ def _cli(*args, env=None, timeout=300):
 
 @pytest.mark.parametrize("args, says", [
     (["--model", "lightgcm"], "model: expected one of mf | lightgcn"),
-    (["--loss", "softmax", "--model", "hybrid"], "loss: softmax is implemented for mf, lightgcn and graphsage"),
+    (["--loss", "softmax", "--model", "gfcf"], "loss: softmax is for trained models"),
     (["--lr", "-1"], "lr: expected a number > 0"),
     (["--fanouts", "[0, 3]"], "fanouts: expected a list of positive integers"),
     (["--device", "gpu"], "device: expected auto | cpu"),

@@ -233,10 +233,13 @@ class FusedHybridRec(Recommender):
         g_u, g_i = self.graph_embeddings()
         return g_u[users], g_i[items]
 
-    def loss(self, users, pos, neg, reg_weight: float):
-        items = torch.cat([pos, neg])
+    def _batch(self, users, items):
+        """Every vector a loss needs for ``users`` [B] and ``items`` [M] (positives first):
+        (text users, text items, graph users, graph items, the items' contexts), with the training
+        cold-start simulation applied to the items."""
         t_u, t_i = self.text_user(users), self.text_item(items)
         i_ctx = self.item_context[items]
+        gu_b = gi_b = None
         if self.fusion != "text":
             gu_b, gi_b = self._graph_batch(users, items)
             if self.training and self.cold_drop > 0:
@@ -246,56 +249,110 @@ class FusedHybridRec(Recommender):
                 drop = drop_item[items] & (i_ctx != ITEM_COLD)
                 gi_b = gi_b.masked_fill(drop.unsqueeze(1), 0.0)
                 i_ctx = torch.where(drop, torch.full_like(i_ctx, ITEM_COLD), i_ctx)
-        else:
-            gu_b = gi_b = None
-        B = users.numel()
-        if self.fusion in ("gated", "static"):
-            f_i = self._fuse(gi_b, t_i, i_ctx)
-            u_ctx = self.user_context[users]
-            if self.per_context_users:
-                # The user's vector for the positive and for the negative, each through the user gate of
-                # that item's context (a dropped item counts as cold, so cold simulation trains it too).
-                f_u2 = self._fuse(torch.cat([gu_b, gu_b]), torch.cat([t_u, t_u]),
-                                  self._user_ids(u_ctx.repeat(2), i_ctx))
-                f_up, f_un = f_u2[:B], f_u2[B:]
-            else:
-                f_up = f_un = self._fuse(gu_b, t_u, self._user_ids(u_ctx, 0))
-        else:
-            f_up = f_un = gu_b if self.fusion == "graph" else t_u
-            f_i = gi_b if self.fusion == "graph" else t_i
-        fp, fn = (f_up * f_i[:B]).sum(-1), (f_un * f_i[B:]).sum(-1)
-        loss_main = bpr_loss(fp, fn)
-        parts = {"bpr": loss_main.detach()}
-        total = loss_main
-        if self.fusion in ("gated", "static") and self.aux_weight > 0:
-            l_g = bpr_loss((gu_b * gi_b[:B]).sum(-1), (gu_b * gi_b[B:]).sum(-1))
-            l_t = bpr_loss((t_u * t_i[:B]).sum(-1), (t_u * t_i[B:]).sum(-1))
-            total = total + self.aux_weight * (l_g + l_t)
-            parts.update(bpr_graph=l_g.detach(), bpr_text=l_t.detach())
+        return t_u, t_i, gu_b, gi_b, i_ctx
+
+    def _users_for(self, gu_b, t_u, u_ctx, item_ctx):
+        """Users' vectors (contexts ``u_ctx``) for scoring items of context ``item_ctx`` (per row, or
+        an int); without per-context users the item context does not matter."""
+        if self.fusion in ("graph", "text"):
+            return gu_b if self.fusion == "graph" else t_u
+        return self._fuse(gu_b, t_u, self._user_ids(u_ctx, item_ctx))
+
+    def _items_fused(self, gi_b, t_i, i_ctx):
+        if self.fusion in ("graph", "text"):
+            return gi_b if self.fusion == "graph" else t_i
+        return self._fuse(gi_b, t_i, i_ctx)
+
+    def _extra_terms(self, users, items, parts, gu_b, t_u, t_i, pairwise, name):
+        """cold-vs-cold term, gate pull and L2 on the batch's raw rows: the same for both losses.
+        ``pairwise(u, i)`` is the loss head (BPR or softmax) applied to users and [pos | neg] items."""
+        total = 0.0
         if self.fusion in ("gated", "static") and self.cold_weight > 0:
-            # Cold-vs-cold ranking, the way cold items are evaluated: both items of every triple
-            # through the cold path (graph embedding dropped, cold item gate, the user's gate for
-            # cold items), so the cold path learns to order cold items among themselves and not only
-            # to lift a dropped item above warm negatives.
-            cold_ctx = torch.full_like(i_ctx, ITEM_COLD)
-            c_i = self._fuse(torch.zeros_like(t_i), t_i, cold_ctx)
+            # Cold-vs-cold ranking, the way cold items are evaluated: every item of the batch through
+            # the cold path (graph embedding dropped, cold item gate, the user's gate for cold
+            # items), so the cold path learns to order cold items among themselves and not only to
+            # lift a dropped item above warm negatives.
+            c_i = self._fuse(torch.zeros_like(t_i), t_i, torch.full_like(items, ITEM_COLD))
             c_u = self._fuse(gu_b, t_u, self._user_ids(self.user_context[users], ITEM_COLD))
-            l_c = bpr_loss((c_u * c_i[:B]).sum(-1), (c_u * c_i[B:]).sum(-1))
+            l_c = pairwise(c_u, c_i)
             total = total + self.cold_weight * l_c
-            parts["bpr_cold"] = l_c.detach()
+            parts[f"{name}_cold"] = l_c.detach()
         if self.fusion == "gated" and self.gate_reg > 0:
             # L2 pull of every gate toward its start (the static mix at gate_init): the gate may move
             # only as far as the data keeps paying for it.
             g_reg = self.gate_weight.pow(2).sum() + (self.gate_bias - self.gate_start_logit).pow(2).sum()
             total = total + self.gate_reg * g_reg
             parts["gate_reg"] = g_reg.detach()
-        if self.fusion != "text":
-            w = self.ego.weight
-            reg = (w[users].pow(2).sum() + w[self.num_users + pos].pow(2).sum()
-                   + w[self.num_users + neg].pow(2).sum()) / (2 * B)
-            total = total + reg_weight * reg
-            parts["reg"] = reg.detach()
-        return total, parts
+        return total
+
+    def _l2(self, users, items, parts):
+        if self.fusion == "text":
+            return 0.0
+        w = self.ego.weight
+        reg = (w[users].pow(2).sum() + w[self.num_users + items].pow(2).sum()) / (2 * users.numel())
+        parts["reg"] = reg.detach()
+        return reg
+
+    def loss(self, users, pos, neg, reg_weight: float):
+        """BPR on (user, positive, negative) triples: the fused score, plus ``aux_weight`` times each
+        branch's own BPR, the cold-vs-cold term, the gate pull and L2 on the batch's raw rows."""
+        items = torch.cat([pos, neg])
+        B = users.numel()
+        t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
+        f_i = self._items_fused(gi_b, t_i, i_ctx)
+        u_ctx = self.user_context[users]
+        if self.per_context_users and self.fusion in ("gated", "static"):
+            # The user's vector for the positive and for the negative, each through the user gate of
+            # that item's context (a dropped item counts as cold, so the cold simulation trains it too).
+            f_u2 = self._users_for(torch.cat([gu_b, gu_b]), torch.cat([t_u, t_u]), u_ctx.repeat(2), i_ctx)
+            f_up, f_un = f_u2[:B], f_u2[B:]
+        else:
+            f_up = f_un = self._users_for(gu_b, t_u, u_ctx, 0)
+        loss_main = bpr_loss((f_up * f_i[:B]).sum(-1), (f_un * f_i[B:]).sum(-1))
+        parts = {"bpr": loss_main.detach()}
+        total = loss_main
+
+        def pairwise(u, i):
+            return bpr_loss((u * i[:B]).sum(-1), (u * i[B:]).sum(-1))
+        if self.fusion in ("gated", "static") and self.aux_weight > 0:
+            l_g, l_t = pairwise(gu_b, gi_b), pairwise(t_u, t_i)
+            total = total + self.aux_weight * (l_g + l_t)
+            parts.update(bpr_graph=l_g.detach(), bpr_text=l_t.detach())
+        total = total + self._extra_terms(users, items, parts, gu_b, t_u, t_i, pairwise, "bpr")
+        return total + reg_weight * self._l2(users, items, parts), parts
+
+    def _blocks(self, u_by_ctx, f_i, i_ctx):
+        """Batch vectors in ``embeddings()``'s layout: users [B, 3d] (one block per item context),
+        items [M, 3d] (the vector in its context's block), so ``u . i`` scores through the right gate."""
+        if not self.per_context_users or self.fusion not in ("gated", "static"):
+            return u_by_ctx[0], f_i
+        blocks = torch.nn.functional.one_hot(i_ctx, NUM_ITEM_CONTEXTS).to(f_i.dtype)
+        return torch.cat(u_by_ctx, 1), (blocks.unsqueeze(2) * f_i.unsqueeze(1)).reshape(f_i.size(0), -1)
+
+    def softmax_loss(self, users, pos, negs, temperature: float, reg_weight: float):
+        """``losses.sampled_softmax`` of each (user, positive) against the shared ``negs``, on the
+        fused vectors in ranking's layout, plus the same auxiliary and regularising terms as ``loss``
+        (each branch's own softmax at ``aux_weight``)."""
+        from .losses import sampled_softmax
+        items = torch.cat([pos, negs])
+        B = users.numel()
+        t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
+        f_i = self._items_fused(gi_b, t_i, i_ctx)
+        contexts = range(NUM_ITEM_CONTEXTS) if self.per_context_users and self.fusion in ("gated", "static") else (0,)
+        u_ctx = self.user_context[users]
+        u, f = self._blocks([self._users_for(gu_b, t_u, u_ctx, c) for c in contexts], f_i, i_ctx)
+
+        def listwise(u, i):
+            return sampled_softmax(u, i[:B], i[B:], pos, negs, temperature)
+        loss_main = listwise(u, f)
+        parts = {"softmax": loss_main.detach()}
+        total = loss_main
+        if self.fusion in ("gated", "static") and self.aux_weight > 0:
+            l_g, l_t = listwise(gu_b, gi_b), listwise(t_u, t_i)
+            total = total + self.aux_weight * (l_g + l_t)
+            parts.update(softmax_graph=l_g.detach(), softmax_text=l_t.detach())
+        total = total + self._extra_terms(users, items, parts, gu_b, t_u, t_i, listwise, "softmax")
+        return total + reg_weight * self._l2(users, items, parts), parts
 
     # ------------------------------------------------------------------ ranking
     def branch_embeddings(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
