@@ -8,8 +8,10 @@
   plain autograd, which transposes the CSR on every backward (``reference.propagate``);
 * ``pyg`` - PyG's LGConv, when torch_geometric is installed.
 
-torch has no bf16 sparse CSR product on the CPU, so there is no bf16 baseline there. extra_info
-carries GB/s against conftest.propagate_min_bytes.
+``ours_bf16`` runs the same op on a bfloat16 copy of the input (layer tables in bfloat16, sums in
+float32; the backward likewise), as ``LightGCN(propagate_dtype="bfloat16")`` does. torch has no
+bf16 sparse CSR product on the CPU, so its baselines are float32 there. extra_info carries GB/s
+against conftest.propagate_min_bytes (float32 bytes).
 
     pytest bench/bench_propagate.py --benchmark-only
 """
@@ -24,7 +26,7 @@ from conftest import DEVICES, GRAPHS, degree_summary, get_graph, propagate_min_b
 from glrec_fast import ops, reference
 
 NUM_LAYERS, DIM = 3, 64
-PROVIDERS = ["torch_sparse_symmetric", "torch_sparse_autograd", "ours", "pyg"]
+PROVIDERS = ["torch_sparse_symmetric", "torch_sparse_autograd", "ours", "ours_bf16", "pyg"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,6 +61,8 @@ def _provider_fn(provider, g):
         return lambda x: reference.propagate(g, x, NUM_LAYERS)
     if provider == "ours":
         return lambda x: ops.propagate(g, x, NUM_LAYERS)
+    if provider == "ours_bf16":   # bfloat16 layer tables, float32 sums (LightGCN propagate_dtype)
+        return lambda x: ops.propagate(g, x.to(torch.bfloat16), NUM_LAYERS).float()
     return _pyg_layer_mean(g, NUM_LAYERS)
 
 

@@ -93,7 +93,7 @@ def build_model(cfg, ds, graph: BipartiteGraph, device):
         return MF(ds.num_users, ds.num_items, cfg["emb_dim"], cfg["init_std"])
     if name == "lightgcn" and not cfg["sampled"]:
         from .models.lightgcn import LightGCN
-        return LightGCN(graph, cfg["emb_dim"], cfg["num_layers"], cfg["init_std"])
+        return LightGCN(graph, cfg["emb_dim"], cfg["num_layers"], cfg["init_std"], cfg["propagate_dtype"])
     if name in ("graphsage", "lightgcn"):
         from .models import graphsage
         return graphsage.build(cfg, ds, graph)
@@ -120,7 +120,8 @@ def check_config(cfg: dict) -> None:
 
     choices = {"model": MODELS, "split": (None, "given", "random", "cold"), "loss": ("bpr", "softmax"),
                "init": ("normal", "spectral"), "sharpen_solver": SOLVERS, "encoder": ENCODER_NAMES,
-               "graph_branch": GRAPH_BRANCHES, "fusion": FUSIONS, "cold_gate": COLD_GATES, "user_gate": USER_GATES}
+               "graph_branch": GRAPH_BRANCHES, "fusion": FUSIONS, "cold_gate": COLD_GATES, "user_gate": USER_GATES,
+               "propagate_dtype": ("float32", "bfloat16")}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ValueError(f"{key}: expected one of {' | '.join(str(a) for a in allowed)}, got {cfg[key]!r}")
