@@ -193,7 +193,7 @@ def test_bad_config_is_reported(graph):
         GraphSAGE(graph, fanouts=[])
     with pytest.raises(ValueError, match="fanouts"):
         SampledLightGCN(graph, fanouts=["a"])
-    with pytest.raises(ValueError, match="users/pos/neg"):
+    with pytest.raises(ValueError, match="users/pos: expected equal lengths"):
         sampling.bpr_blocks(graph, torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0]), [2])
 
 

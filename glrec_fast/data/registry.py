@@ -80,10 +80,11 @@ def load_dataset(name_or_path="synthetic", split: str | None = None, seed: int =
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"load_dataset: expected a dataset name, a path or a DataFrame-like, got "
                         f"{type(name_or_path).__name__}")
-    where = locate(name_or_path, data_dir)
-    if where[0] == "synthetic":
+    raw = os.fspath(name_or_path)
+    if ALIASES.get(raw.lower(), raw.lower()) == "synthetic":
         return make_synthetic(split=split or "cold", seed=seed, **kwargs)
-    _check_kwargs(kwargs, os.fspath(name_or_path))
+    _check_kwargs(kwargs, raw)
+    where = locate(name_or_path, data_dir)
     if where[0] == "known":
         _, key, folder = where
         _, _, default_split, kind = KNOWN[key]
