@@ -40,32 +40,32 @@ PROVIDERS = {  # propagation used by the same LightGCN step
 
 
 def step_times(graph, num_items, train_pairs, steps: int, batch: int = 2048):
-    out = {}
+    """Median step time per provider, the providers interleaved step by step (same batches), so a
+    drifting machine (a shared VM) slows every provider alike."""
     real = ops.propagate
-    for name, fn in PROVIDERS.items():
-        ops.propagate = fn or real     # LightGCN calls ops.propagate at step time
-        try:
-            torch.manual_seed(0)
-            model = LightGCN(graph, 64, 3, propagate_dtype="bfloat16" if name == "ours_bf16" else "float32")
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            gen = torch.Generator().manual_seed(0)
-            times = []
-            for s in range(steps + 2):
-                idx = torch.randint(0, train_pairs.size(0), (batch,), generator=gen)
-                u, p = train_pairs[idx, 0], train_pairs[idx, 1]
-                n = torch.randint(0, num_items, (batch,), generator=gen)
+    models, opts, times = {}, {}, {name: [] for name in PROVIDERS}
+    for name in PROVIDERS:
+        torch.manual_seed(0)
+        models[name] = LightGCN(graph, 64, 3, propagate_dtype="bfloat16" if name == "ours_bf16" else "float32")
+        opts[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for s in range(steps + 2):
+            idx = torch.randint(0, train_pairs.size(0), (batch,), generator=gen)
+            u, p = train_pairs[idx, 0], train_pairs[idx, 1]
+            n = torch.randint(0, num_items, (batch,), generator=gen)
+            for name, fn in PROVIDERS.items():
+                ops.propagate = fn or real     # LightGCN calls ops.propagate at step time
                 t = time.perf_counter()
-                loss, _ = model.loss(u, p, n, 1e-4)
-                opt.zero_grad()
+                loss, _ = models[name].loss(u, p, n, 1e-4)
+                opts[name].zero_grad()
                 loss.backward()
-                opt.step()
+                opts[name].step()
                 if s >= 2:  # two warm-up steps (the baselines build and cache their sparse matrix)
-                    times.append(time.perf_counter() - t)
-        finally:
-            ops.propagate = real
-        times.sort()
-        out[name] = times[len(times) // 2]
-    return out
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        ops.propagate = real
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def main(argv=None):
