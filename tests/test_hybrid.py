@@ -129,14 +129,17 @@ def test_bad_arguments():
         FusedHybridRec(g, bad)
 
 
+# A small hybrid job through the CLI: synthetic data, the real MiniLM encoder, 3 epochs, one thread.
+SMALL_HYBRID = ["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
+                "--synthetic_interactions", "6000", "--encoder", "minilm", "--epochs", "3",
+                "--batch_size", "512", "--lr", "0.01", "--num_threads", "1"]
+
+
 @minilm
 def test_cli_hybrid_with_real_minilm_and_monitor(tmp_path):
     """The default job's path end to end: synthetic data, MiniLM text, gated hybrid, monitor, plot."""
     out = tmp_path / "run"
-    rc = train.main(["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
-                     "--synthetic_interactions", "6000", "--encoder", "minilm", "--epochs", "3",
-                     "--batch_size", "512", "--lr", "0.01", "--grok_every", "2", "--num_threads", "1",
-                     "--out", str(out)])
+    rc = train.main(SMALL_HYBRID + ["--grok_every", "2", "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"] == "hybrid"
@@ -202,10 +205,8 @@ def test_graphsage_branch_trains_on_sampled_blocks():
 @minilm
 def test_cli_hybrid_with_graphsage_branch(tmp_path):
     out = tmp_path / "sage"
-    rc = train.main(["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
-                     "--synthetic_interactions", "6000", "--encoder", "minilm", "--epochs", "3",
-                     "--batch_size", "512", "--lr", "0.01", "--grokking", "false", "--num_threads", "1",
-                     "--graph_branch", "graphsage", "--fanouts", "[5,5]", "--out", str(out)])
+    rc = train.main(SMALL_HYBRID + ["--grokking", "false", "--graph_branch", "graphsage", "--fanouts", "[5,5]",
+                                    "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["test"]["recall@20"] > 0.2  # random: about 20/150
@@ -326,10 +327,8 @@ def test_softmax_loss_trains_every_part():
 @minilm
 def test_cli_hybrid_softmax_trains(tmp_path):
     out = tmp_path / "sm"
-    rc = train.main(["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
-                     "--synthetic_interactions", "6000", "--encoder", "minilm", "--epochs", "3",
-                     "--batch_size", "512", "--lr", "0.01", "--loss", "softmax", "--num_negatives", "128",
-                     "--reg_weight", "0", "--grokking", "false", "--num_threads", "1", "--out", str(out)])
+    rc = train.main(SMALL_HYBRID + ["--loss", "softmax", "--num_negatives", "128", "--reg_weight", "0",
+                                    "--grokking", "false", "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     hist = m["history"]

@@ -263,10 +263,16 @@ class FusedHybridRec(Recommender):
             return gi_b if self.fusion == "graph" else t_i
         return self._fuse(gi_b, t_i, i_ctx)
 
-    def _extra_terms(self, users, items, parts, gu_b, t_u, t_i, pairwise, name):
-        """cold-vs-cold term, gate pull and L2 on the batch's raw rows: the same for both losses.
-        ``pairwise(u, i)`` is the loss head (BPR or softmax) applied to users and [pos | neg] items."""
+    def _extra_terms(self, users, items, parts, batch, head, name):
+        """Each branch's own loss at ``aux_weight``, the cold-vs-cold term and the gate pull: the same
+        for both losses. ``head(u, i)`` is the loss (BPR or softmax) of users against [pos | neg]
+        items; ``batch`` is ``_batch``'s output; the terms are logged as ``{name}_graph`` etc."""
+        t_u, t_i, gu_b, gi_b, _ = batch
         total = 0.0
+        if self.fusion in ("gated", "static") and self.aux_weight > 0:
+            l_g, l_t = head(gu_b, gi_b), head(t_u, t_i)
+            total = total + self.aux_weight * (l_g + l_t)
+            parts.update({f"{name}_graph": l_g.detach(), f"{name}_text": l_t.detach()})
         if self.fusion in ("gated", "static") and self.cold_weight > 0:
             # Cold-vs-cold ranking, the way cold items are evaluated: every item of the batch through
             # the cold path (graph embedding dropped, cold item gate, the user's gate for cold
@@ -274,7 +280,7 @@ class FusedHybridRec(Recommender):
             # lift a dropped item above warm negatives.
             c_i = self._fuse(torch.zeros_like(t_i), t_i, torch.full_like(items, ITEM_COLD))
             c_u = self._fuse(gu_b, t_u, self._user_ids(self.user_context[users], ITEM_COLD))
-            l_c = pairwise(c_u, c_i)
+            l_c = head(c_u, c_i)
             total = total + self.cold_weight * l_c
             parts[f"{name}_cold"] = l_c.detach()
         if self.fusion == "gated" and self.gate_reg > 0:
@@ -298,7 +304,7 @@ class FusedHybridRec(Recommender):
         branch's own BPR, the cold-vs-cold term, the gate pull and L2 on the batch's raw rows."""
         items = torch.cat([pos, neg])
         B = users.numel()
-        t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
+        batch = t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
         f_i = self._items_fused(gi_b, t_i, i_ctx)
         u_ctx = self.user_context[users]
         if self.per_context_users and self.fusion in ("gated", "static"):
@@ -310,15 +316,10 @@ class FusedHybridRec(Recommender):
             f_up = f_un = self._users_for(gu_b, t_u, u_ctx, 0)
         loss_main = bpr_loss((f_up * f_i[:B]).sum(-1), (f_un * f_i[B:]).sum(-1))
         parts = {"bpr": loss_main.detach()}
-        total = loss_main
 
         def pairwise(u, i):
             return bpr_loss((u * i[:B]).sum(-1), (u * i[B:]).sum(-1))
-        if self.fusion in ("gated", "static") and self.aux_weight > 0:
-            l_g, l_t = pairwise(gu_b, gi_b), pairwise(t_u, t_i)
-            total = total + self.aux_weight * (l_g + l_t)
-            parts.update(bpr_graph=l_g.detach(), bpr_text=l_t.detach())
-        total = total + self._extra_terms(users, items, parts, gu_b, t_u, t_i, pairwise, "bpr")
+        total = loss_main + self._extra_terms(users, items, parts, batch, pairwise, "bpr")
         return total + reg_weight * self._l2(users, items, parts), parts
 
     def _blocks(self, u_by_ctx, f_i, i_ctx):
@@ -336,7 +337,7 @@ class FusedHybridRec(Recommender):
         from .losses import sampled_softmax
         items = torch.cat([pos, negs])
         B = users.numel()
-        t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
+        batch = t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
         f_i = self._items_fused(gi_b, t_i, i_ctx)
         contexts = range(NUM_ITEM_CONTEXTS) if self.per_context_users and self.fusion in ("gated", "static") else (0,)
         u_ctx = self.user_context[users]
@@ -346,12 +347,7 @@ class FusedHybridRec(Recommender):
             return sampled_softmax(u, i[:B], i[B:], pos, negs, temperature)
         loss_main = listwise(u, f)
         parts = {"softmax": loss_main.detach()}
-        total = loss_main
-        if self.fusion in ("gated", "static") and self.aux_weight > 0:
-            l_g, l_t = listwise(gu_b, gi_b), listwise(t_u, t_i)
-            total = total + self.aux_weight * (l_g + l_t)
-            parts.update(softmax_graph=l_g.detach(), softmax_text=l_t.detach())
-        total = total + self._extra_terms(users, items, parts, gu_b, t_u, t_i, listwise, "softmax")
+        total = loss_main + self._extra_terms(users, items, parts, batch, listwise, "softmax")
         return total + reg_weight * self._l2(users, items, parts), parts
 
     # ------------------------------------------------------------------ ranking
