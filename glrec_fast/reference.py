@@ -217,8 +217,6 @@ def evaluate(score_fn, test: torch.Tensor, num_users: int, num_items: int, exclu
              item_context: torch.Tensor | None = None) -> dict:
     """``metrics.evaluate`` written the plain way (dense masks, one full-width top-k per context over
     every test user at once, small inputs only): the ground truth for its tests."""
-    import math
-
     from .metrics import CONTEXTS, METRICS
     ks = sorted({int(k) for k in ks})
     users = torch.unique(test[:, 0])

@@ -241,6 +241,13 @@ class SampledTraining:
         """Start sampling the blocks of an upcoming batch on the worker thread."""
         self._prefetcher.submit(users, pos, neg)
 
+    def forward(self, users, pos, neg):
+        """BPR triples' scores and the L2 term, from ``batch_embeddings`` (the model's vectors on
+        the batch's sampled blocks), as ``Recommender.forward`` returns them."""
+        u, p, n = self.batch_embeddings(users, pos, neg)
+        reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, neg)) / (2 * users.numel())
+        return (u * p).sum(-1), (u * n).sum(-1), reg
+
     def blocks_for(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Blocks:
         """The prefetched blocks of this batch, or a fresh sample when it was not prefetched."""
         return self._prefetcher.take(users, pos, neg)

@@ -103,7 +103,7 @@ def build_model(cfg, ds, graph: BipartiteGraph, device):
     if name in ("gfcf", "bspm"):
         from .models import filters
         return filters.build(cfg, graph)
-    raise ValueError(f"model: unknown {name!r}; expected mf | lightgcn | graphsage | hybrid | gfcf | bspm")
+    raise ValueError(f"model: unknown {name!r}; expected {' | '.join(MODELS)}")
 
 
 MODELS = ("mf", "lightgcn", "graphsage", "hybrid", "gfcf", "bspm")
@@ -114,14 +114,16 @@ def check_config(cfg: dict) -> None:
     before anything is loaded: raises ValueError (or DatasetNotFoundError) naming the key, what it
     got and what it expects. The models check their own arguments again when built from Python."""
     from .data.registry import locate
+    from .data.splits import SPLITS
     from .models.filters import SOLVERS
     from .models.hybrid import COLD_GATES, FUSIONS, GRAPH_BRANCHES, USER_GATES
+    from .models.lightgcn import LightGCN
     from .text.encoders import ENCODER_NAMES
 
-    choices = {"model": MODELS, "split": (None, "given", "random", "cold"), "loss": ("bpr", "softmax"),
+    choices = {"model": MODELS, "split": (None, *SPLITS), "loss": ("bpr", "softmax"),
                "init": ("normal", "spectral"), "sharpen_solver": SOLVERS, "encoder": ENCODER_NAMES,
                "graph_branch": GRAPH_BRANCHES, "fusion": FUSIONS, "cold_gate": COLD_GATES, "user_gate": USER_GATES,
-               "propagate_dtype": ("float32", "bfloat16")}
+               "propagate_dtype": tuple(LightGCN.PROPAGATE_DTYPES)}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ValueError(f"{key}: expected one of {' | '.join(str(a) for a in allowed)}, got {cfg[key]!r}")

@@ -35,12 +35,6 @@ def _split3(x: torch.Tensor, n: int):
     return x[:n], x[n:2 * n], x[2 * n:]
 
 
-def _sampled_forward(self, users, pos, neg):
-    """BPR triples' scores and L2 term on the batch's sampled blocks (both sampled models)."""
-    u, p, n = self.batch_embeddings(users, pos, neg)
-    reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, neg)) / (2 * users.numel())
-    return (u * p).sum(-1), (u * n).sum(-1), reg
-
 
 class GraphSAGE(SampledTraining, Recommender):
     def __init__(self, graph, dim: int = 64, fanouts=(10, 10), init_std: float = 0.1, replace: bool = False,
@@ -74,8 +68,6 @@ class GraphSAGE(SampledTraining, Recommender):
     def batch_embeddings(self, users, pos, negs):
         blocks = self.blocks_for(users, pos, negs)
         return _split3(self.sampled_embeddings(blocks)[blocks.seed_local], users.numel())
-
-    forward = _sampled_forward
 
     def ego_params(self, users, pos, neg):
         w = self.ego.weight
@@ -116,8 +108,6 @@ class SampledLightGCN(SampledTraining, LightGCN):
     def batch_embeddings(self, users, pos, negs):
         blocks = self.blocks_for(users, pos, negs)
         return _split3(lightgcn_sampled(self.ego.weight, self.graph, blocks)[blocks.seed_local], users.numel())
-
-    forward = _sampled_forward
     # embeddings() (evaluation) is LightGCN's: exact full-graph propagation through ops.propagate.
 
 

@@ -205,10 +205,7 @@ class FusedHybridRec(Recommender):
     def fused_items(self, g_i, t_i) -> torch.Tensor:
         """Fused item vectors for ranking: ``[I, d]``, or ``[I, 3d]`` with the vector in its context's block."""
         f = self._fuse(g_i, t_i, self.item_context)
-        if not self.per_context_users:
-            return f
-        blocks = torch.nn.functional.one_hot(self.item_context, NUM_ITEM_CONTEXTS).to(f.dtype)
-        return (blocks.unsqueeze(2) * f.unsqueeze(1)).reshape(f.size(0), -1)
+        return _in_context_blocks(f, self.item_context) if self.per_context_users else f
 
     def gate_values(self, e_graph, e_text, gate_ids):
         """The gate g per row and dimension (1 = all graph, 0 = all text), for reports and plots."""
@@ -250,6 +247,11 @@ class FusedHybridRec(Recommender):
                 gi_b = gi_b.masked_fill(drop.unsqueeze(1), 0.0)
                 i_ctx = torch.where(drop, torch.full_like(i_ctx, ITEM_COLD), i_ctx)
         return t_u, t_i, gu_b, gi_b, i_ctx
+
+    @property
+    def _users_per_context(self) -> bool:
+        """A user has one fused vector per item context (ranking's [U, 3d] layout)."""
+        return self.per_context_users and self.fusion in ("gated", "static")
 
     def _users_for(self, gu_b, t_u, u_ctx, item_ctx):
         """Users' vectors (contexts ``u_ctx``) for scoring items of context ``item_ctx`` (per row, or
@@ -307,7 +309,7 @@ class FusedHybridRec(Recommender):
         batch = t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
         f_i = self._items_fused(gi_b, t_i, i_ctx)
         u_ctx = self.user_context[users]
-        if self.per_context_users and self.fusion in ("gated", "static"):
+        if self._users_per_context:
             # The user's vector for the positive and for the negative, each through the user gate of
             # that item's context (a dropped item counts as cold, so the cold simulation trains it too).
             f_u2 = self._users_for(torch.cat([gu_b, gu_b]), torch.cat([t_u, t_u]), u_ctx.repeat(2), i_ctx)
@@ -325,10 +327,9 @@ class FusedHybridRec(Recommender):
     def _blocks(self, u_by_ctx, f_i, i_ctx):
         """Batch vectors in ``embeddings()``'s layout: users [B, 3d] (one block per item context),
         items [M, 3d] (the vector in its context's block), so ``u . i`` scores through the right gate."""
-        if not self.per_context_users or self.fusion not in ("gated", "static"):
+        if not self._users_per_context:
             return u_by_ctx[0], f_i
-        blocks = torch.nn.functional.one_hot(i_ctx, NUM_ITEM_CONTEXTS).to(f_i.dtype)
-        return torch.cat(u_by_ctx, 1), (blocks.unsqueeze(2) * f_i.unsqueeze(1)).reshape(f_i.size(0), -1)
+        return torch.cat(u_by_ctx, 1), _in_context_blocks(f_i, i_ctx)
 
     def softmax_loss(self, users, pos, negs, temperature: float, reg_weight: float):
         """``losses.sampled_softmax`` of each (user, positive) against the shared ``negs``, on the
@@ -339,7 +340,7 @@ class FusedHybridRec(Recommender):
         B = users.numel()
         batch = t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
         f_i = self._items_fused(gi_b, t_i, i_ctx)
-        contexts = range(NUM_ITEM_CONTEXTS) if self.per_context_users and self.fusion in ("gated", "static") else (0,)
+        contexts = range(NUM_ITEM_CONTEXTS) if self._users_per_context else (0,)
         u_ctx = self.user_context[users]
         u, f = self._blocks([self._users_for(gu_b, t_u, u_ctx, c) for c in contexts], f_i, i_ctx)
 
@@ -390,6 +391,12 @@ class FusedHybridRec(Recommender):
                     key = f"gate/user_{name}" + (f"/item_{cname}" if cname else "")
                     out[key] = float(gu[sel].mean())
         return out
+
+
+def _in_context_blocks(f: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """[N, d] vectors -> [N, NUM_ITEM_CONTEXTS * d], each row in the block of its item context."""
+    blocks = torch.nn.functional.one_hot(ctx, NUM_ITEM_CONTEXTS).to(f.dtype)
+    return (blocks.unsqueeze(2) * f.unsqueeze(1)).reshape(f.size(0), -1)
 
 
 def _mean_of_items(content: torch.Tensor, graph) -> torch.Tensor:
