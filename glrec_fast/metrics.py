@@ -98,7 +98,8 @@ def _relabel(pairs: torch.Tensor, rank: torch.Tensor | None) -> torch.Tensor:
 def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tensor, num_users: int,
              num_items: int, exclude: Iterable[torch.Tensor] = (), ks: Iterable[int] = (10, 20),
              item_context: torch.Tensor | None = None, batch_size: int = 1024,
-             device: torch.device | str | None = None) -> dict[str, float]:
+             device: torch.device | str | None = None, shard: tuple[int, int] | None = None,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Full-ranking metrics of ``score_fn(users) -> [len(users), num_items]`` against ``test`` pairs.
 
     ``exclude``: pair tensors whose items are masked out of each user's ranking (training items,
@@ -111,6 +112,10 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
     once; any other scorer's tile is permuted per batch), each range gets one top-k, and the
     overall and warm rankings are exact merges of those. Hits are looked up in the sorted test
     keys. ``reference.evaluate`` is the dense ground truth.
+
+    Sharded evaluation (``glrec_fast.distributed``): with ``shard=(rank, world)`` this process ranks
+    only user batches ``rank, rank + world, ...`` and ``reduce`` (an all-reduce sum) combines the
+    per-batch sums, which are then added in batch order: the result is bit-identical to one process.
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] <= 0:
@@ -169,11 +174,20 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
         fresh = True
         fn = lambda us: score_fn(us).index_select(1, order.to(device) if device is not None else order)  # noqa: E731
 
-    sums = {(m, k, c): 0.0 for m in METRICS for k in ks for c in reported}
-    counts = {c: 0 for c in reported}
+    keys_ = [(m, k, c) for m in METRICS for k in ks for c in reported]
+    key_col = {key: j for j, key in enumerate(keys_)}
+    n_batches = -(-users_all.numel() // batch_size)
+    # One row of sums per user batch (float64) plus one count per reported context: each batch's row
+    # is written by the one process that ranks it, and rows are added in batch order at the end.
+    batch_sums = torch.zeros(n_batches, len(keys_), dtype=torch.float64)
+    counts_t = torch.zeros(len(reported), dtype=torch.float64)
+    cidx = {c: j for j, c in enumerate(reported)}
+    my_rank, world = shard if shard is not None else (0, 1)
+    if not 0 <= my_rank < world:
+        raise ValueError(f"shard: expected (rank, world) with 0 <= rank < world, got {shard!r}")
     discount = torch.ones(1)
-    for start in range(0, users_all.numel(), batch_size):
-        users = users_all[start:start + batch_size]
+    for bi in range(my_rank, n_batches, world):
+        users = users_all[bi * batch_size:(bi + 1) * batch_size]
         scores = fn(users.to(device) if device is not None else users)
         if scores.shape != (users.numel(), num_items):
             raise ValueError(f"score_fn: expected scores of shape {(users.numel(), num_items)}, got "
@@ -216,7 +230,7 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
             hits = (test_keys.to(dev)[pos] == keys).float()
             if hits.size(1) < kmax:  # a context with fewer items than kmax: the missing ranks hold nothing
                 hits = torch.nn.functional.pad(hits, (0, kmax - hits.size(1)))
-            counts[cname] += int(has.sum())
+            counts_t[cidx[cname]] += int(has.sum())
             for k in ks:
                 kk = min(k, kmax)
                 h = hits[:, :kk]
@@ -233,9 +247,15 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
                     "mrr": 1.0 / first,
                 }
                 for m, v in vals_m.items():
-                    sums[(m, k, cname)] += float(v[has].sum())
+                    batch_sums[bi, key_col[(m, k, cname)]] = float(v[has].sum())
+    if reduce is not None:
+        batch_sums, counts_t = reduce(batch_sums), reduce(counts_t)
+    totals = [0.0] * len(keys_)
+    for row in batch_sums.tolist():   # batch order, as one process adds them
+        totals = [t + r for t, r in zip(totals, row)]
+    counts = {c: int(counts_t[cidx[c]]) for c in reported}
     out: dict[str, float] = {}
-    for (m, k, c), s_ in sums.items():
+    for (m, k, c), s_ in zip(keys_, totals):
         out[f"{m}@{k}{c}"] = s_ / counts[c] if counts[c] else float("nan")
     out["n_users"] = counts[""]
     for c in reported:

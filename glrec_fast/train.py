@@ -3,6 +3,7 @@
     python -m glrec_fast.train                       # the embedded default (synthetic data)
     python -m glrec_fast.train --dataset ml-100k --split random --model lightgcn --epochs 50 --out runs/ml
     python -m glrec_fast.train --config my.yaml --lr 0.002 --resume
+    torchrun --nproc_per_node=2 -m glrec_fast.train --dataset ml-100k --model lightgcn --device cpu --out runs/ml2
 
 Writes to ``--out``: ``metrics.json`` (``{"valid": {...}, "test": {...}}``), ``config.yaml`` (the
 resolved configuration), ``train.log``, ``best.pt`` (final embeddings + id maps, for
@@ -22,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from . import checkpoint, config, metrics
+from . import checkpoint, config, distributed, metrics
 from .graph import BipartiteGraph
 
 log = logging.getLogger("glrec_fast.train")
@@ -33,15 +34,20 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- setup
-def _setup_logging(out: str) -> None:
-    os.makedirs(out, exist_ok=True)
+def _setup_logging(out: str, ctx: distributed.Context = distributed.Context()) -> None:
+    """INFO to stderr and out/train.log; other ranks of a distributed run log warnings to stderr only."""
     root = logging.getLogger("glrec_fast")
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if ctx.is_main else logging.WARNING)
     for h in list(root.handlers):
         if getattr(h, "_glrec", False):
             root.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    for h in (logging.StreamHandler(sys.stderr), logging.FileHandler(os.path.join(out, "train.log"))):
+    prefix = f"[rank {ctx.rank}] " if ctx.active else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if ctx.is_main:
+        os.makedirs(out, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(out, "train.log")))
+    for h in handlers:
         h.setFormatter(fmt)
         h._glrec = True
         root.addHandler(h)
@@ -134,7 +140,7 @@ def check_config(cfg: dict) -> None:
     for key, lo in at_least.items():
         if cfg[key] is not None and cfg[key] < lo:
             raise ValueError(f"{key}: expected an integer >= {lo}, got {cfg[key]!r}")
-    positive = ("lr", "temperature", "init_std", "time_budget")
+    positive = ("lr", "temperature", "init_std", "time_budget", "dist_timeout")
     for key in positive:
         if cfg[key] is not None and not cfg[key] > 0:
             raise ValueError(f"{key}: expected a number > 0, got {cfg[key]!r}")
@@ -200,7 +206,7 @@ def sample_negatives(users: torch.Tensor, num_items: int, train_keys: torch.Tens
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate_split(model, ds, graph, split: str, cfg, device) -> dict:
+def evaluate_split(model, ds, graph, split: str, cfg, device, ctx=distributed.Context()) -> dict:
     pairs = getattr(ds, split)
     if pairs.numel() == 0:
         return {}
@@ -209,20 +215,39 @@ def evaluate_split(model, ds, graph, split: str, cfg, device) -> dict:
     try:
         return metrics.evaluate(model.scorer(), pairs, ds.num_users, ds.num_items, exclude=exclude,
                                 ks=cfg["topk"], item_context=graph.item_context,
-                                batch_size=cfg["eval_batch_size"], device=device)
+                                batch_size=cfg["eval_batch_size"], device=device, shard=ctx.eval_shard(),
+                                reduce=ctx.sum_ if ctx.eval_shard() else None)
     finally:
         model.train()
 
 
 # ----------------------------------------------------------------------------- training
 def train(cfg: dict, callbacks=()) -> dict:
-    """Run one training job described by ``cfg`` (see configs/default.yaml). Returns metrics."""
+    """Run one training job described by ``cfg`` (see configs/default.yaml). Returns metrics.
+
+    Started by ``torchrun``, every rank runs this function (``glrec_fast.distributed``)."""
     check_config(cfg)
+    ctx, dist_device = distributed.setup(cfg["device"], cfg["dist_timeout"])
+    try:
+        return _train(cfg, callbacks, ctx, dist_device or _device(cfg["device"]))
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device) -> dict:
     out = cfg["out"]
-    _setup_logging(out)
+    main_rank = ctx.is_main
+    save = checkpoint.save if main_rank else (lambda obj, path: None)   # rank 0 writes every file
+    _setup_logging(out, ctx)
+    if ctx.active:
+        log.info("distributed: %d ranks, backend %s, this rank on %s; global batch %d = %d ranks x ~%d",
+                 ctx.world_size, ctx.backend, device, cfg["batch_size"], ctx.world_size,
+                 cfg["batch_size"] // ctx.world_size)
+        if cfg["batch_size"] < ctx.world_size:
+            raise distributed.LaunchError(f"batch_size: {cfg['batch_size']} is the global batch and must be >= the "
+                             f"world size {ctx.world_size}")
     if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
-    device = _device(cfg["device"])
     seed_everything(cfg["seed"])
     t0 = time.time()
     ds = load_data(cfg)
@@ -232,24 +257,35 @@ def train(cfg: dict, callbacks=()) -> dict:
     t_start = time.time()   # --time_budget counts from here: initialisation, training and validation
     model = build_model(cfg, ds, graph, device).to(device)
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
-    checkpoint.write_text(os.path.join(out, "config.yaml"), config.dump(cfg))
+    if main_rank:
+        checkpoint.write_text(os.path.join(out, "config.yaml"), config.dump(cfg))
     if not model.trainable:
+        if ctx.world_size > 1:
+            raise distributed.LaunchError(f"model: {cfg['model']} is fitted once without training; run it in one "
+                             f"process (python -m glrec_fast.train), not under torchrun")
         return _fit_filter(cfg, model, ds, graph, device, out, t0)
+    _set_sample_seed(model, ctx.sample_seed(cfg["seed"]))
     if not cfg["resume"]:
         prepare_model(cfg, model, graph)
     else:
         prepare_model(dict(cfg, init="normal"), model, graph)   # the weights come from the checkpoint
     graph_dev = graph.to(device) if device.type != "cpu" else graph
     opt = _optimizer(model, cfg)
+    step_fn = distributed.step_function(model, ctx, device)
     budget_s = float(cfg["time_budget"]) * 60.0 if cfg["time_budget"] else math.inf
     softmax = cfg["loss"] == "softmax"
 
-    state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad_evals": 0, "history": []}
+    state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad_evals": 0, "history": [],
+             "world_size": ctx.world_size}
     best_export = None
     if cfg["resume"]:
         if not os.path.isfile(last_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {last_path!r} to continue from")
         ck = checkpoint.load(last_path)
+        saved_world = ck["state"].get("world_size", 1)
+        if saved_world != ctx.world_size:
+            raise distributed.LaunchError(f"--resume: {last_path!r} was written by a run of {saved_world} process(es); "
+                             f"resume it with the same world size (now {ctx.world_size})")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         for group in opt.param_groups:  # the resumed run's --lr applies (e.g. lowering it after a divergence)
@@ -277,7 +313,7 @@ def train(cfg: dict, callbacks=()) -> dict:
             name = type(cb).__name__
             if hasattr(cb, "load_state_dict") and name in saved:
                 cb.load_state_dict(saved[name])
-    tb = _tensorboard(cfg, out)
+    tb = _tensorboard(cfg, out) if main_rank else None
 
     from tqdm.auto import tqdm
     for epoch in range(state["epoch"], cfg["epochs"]):
@@ -288,33 +324,39 @@ def train(cfg: dict, callbacks=()) -> dict:
         perm = torch.randperm(train_pairs.size(0), generator=gen)
         users_all, pos_all = train_pairs[perm, 0], train_pairs[perm, 1]
         n_batches = math.ceil(train_pairs.size(0) / cfg["batch_size"])
+        if train_pairs.size(0) - (n_batches - 1) * cfg["batch_size"] < ctx.world_size:
+            n_batches -= 1   # a last batch too small to give every rank a triple is left out
         # BPR: one negative per triple; softmax: num_negatives per batch, shared by the batch, drawn
         # for the whole epoch up front so that a sampled model can prefetch the next batch's blocks.
         if softmax:
             negs_all = torch.randint(0, ds.num_items, (n_batches, cfg["num_negatives"]), generator=gen)
         else:
             neg_all = sample_negatives(users_all, ds.num_items, train_keys, gen)
-        batch_negs = (lambda b: negs_all[b]) if softmax else (
-            lambda b: neg_all[b * cfg["batch_size"]:(b + 1) * cfg["batch_size"]])
         loss_sum = torch.zeros((), device=device)
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=None)
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
+                   disable=None if main_rank else True)
+        n_train = train_pairs.size(0)
+
+        def batch(j):
+            """This rank's shard of global batch ``j``: (users, positives, negatives) on the device."""
+            sl = ctx.shard(j * cfg["batch_size"], min((j + 1) * cfg["batch_size"], n_train))
+            negs = negs_all[j] if softmax else neg_all[sl]   # softmax: shared by the whole global batch
+            return tuple(t.to(device, non_blocking=True) for t in (users_all[sl], pos_all[sl], negs))
+
         for b in bar:
-            sl = slice(b * cfg["batch_size"], (b + 1) * cfg["batch_size"])
-            users, pos = (t[sl].to(device, non_blocking=True) for t in (users_all, pos_all))
-            neg = batch_negs(b).to(device, non_blocking=True)
+            users, pos, neg = batch(b)
             if hasattr(model, "prefetch") and b + 1 < n_batches:
                 # Sampled models (sampling.SampledTraining): the next batch's neighbourhood is drawn on a
                 # worker thread while this batch trains; its sample is the same as one drawn on the spot.
-                nxt = slice(sl.stop, sl.stop + cfg["batch_size"])
-                model.prefetch(*(t[nxt].to(device, non_blocking=True) for t in (users_all, pos_all)),
-                               batch_negs(b + 1).to(device, non_blocking=True))
+                model.prefetch(*batch(b + 1))
             if softmax:
-                loss, parts = model.softmax_loss(users, pos, neg, cfg["temperature"], cfg["reg_weight"])
+                loss, parts = step_fn("softmax_loss", users, pos, neg, cfg["temperature"], cfg["reg_weight"])
             else:
-                loss, parts = model.loss(users, pos, neg, cfg["reg_weight"])
+                loss, parts = step_fn("loss", users, pos, neg, cfg["reg_weight"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            loss, parts = ctx.average(loss, parts)   # every rank sees the same numbers
             loss_sum += loss.detach()
             state["step"] += 1
             for cb in callbacks:
@@ -326,9 +368,9 @@ def train(cfg: dict, callbacks=()) -> dict:
                         f"The last good checkpoint is {last_path if os.path.isfile(last_path) else '(none yet)'}; "
                         f"try a lower --lr (now {cfg['lr']}) or --reg_weight")
                 bar.set_postfix(loss=f"{float(loss_sum) / (b + 1):.4f}")
-            if time.time() - t_start >= budget_s:
+            if budget_s < math.inf and ctx.agree(time.time() - t_start >= budget_s):
                 break
-        out_of_time = time.time() - t_start >= budget_s
+        out_of_time = budget_s < math.inf and ctx.agree(time.time() - t_start >= budget_s)
         if out_of_time and b + 1 < n_batches:
             log.info("time budget of %.1f min spent after %d of %d batches of epoch %d: stopping",
                      budget_s / 60, b + 1, n_batches, epoch + 1)
@@ -341,25 +383,25 @@ def train(cfg: dict, callbacks=()) -> dict:
         if evaluate_now:
             t_ev = time.time()
             if has_valid:
-                vm = evaluate_split(model, ds, graph, "valid", cfg, device)
+                vm = evaluate_split(model, ds, graph, "valid", cfg, device, ctx)
                 row.update({f"valid/{k}": v for k, v in vm.items() if k in ("recall@20", "ndcg@20")})
                 score = vm.get("ndcg@20", -math.inf)
                 if score > state["best"]:
                     state.update(best=score, best_epoch=epoch + 1, bad_evals=0)
                     best_export = _export(model, ds, cfg, epoch + 1, vm)
-                    checkpoint.save(best_export, best_path)
+                    save(best_export, best_path)
                 else:
                     state["bad_evals"] += 1
                     stop = stop or (cfg["patience"] > 0 and state["bad_evals"] >= cfg["patience"])
             else:
                 best_export = _export(model, ds, cfg, epoch + 1, {})
-                checkpoint.save(best_export, best_path)
+                save(best_export, best_path)
             row["eval_time_s"] = time.time() - t_ev
             if cfg["trace_test"]:
                 # Reporting only (time-to-quality curves): nothing is chosen on these numbers, and
                 # their cost is taken off the time budget's clock.
                 t_tr = time.time()
-                tm = evaluate_split(model, ds, graph, "test", cfg, device)
+                tm = evaluate_split(model, ds, graph, "test", cfg, device, ctx)
                 row.update({f"test/{k}": v for k, v in tm.items() if k in ("recall@20", "ndcg@20")})
                 t_start += time.time() - t_tr
         state["history"].append(row)
@@ -373,7 +415,7 @@ def train(cfg: dict, callbacks=()) -> dict:
                     tb.add_scalar(k, v, epoch + 1)
             tb.flush()
         cb_states = {type(cb).__name__: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict")}
-        checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
+        save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,
                          "config": cfg, "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(),
                                                 "python": random.getstate()},
                          "callbacks": {k: v for k, v in cb_states.items() if v is not None}}, last_path)
@@ -388,23 +430,32 @@ def train(cfg: dict, callbacks=()) -> dict:
     # Final report with the best model (by valid ndcg@20) or the last one when there is no valid split.
     if best_export is None:
         best_export = _export(model, ds, cfg, state["epoch"], {})
-        checkpoint.save(best_export, best_path)
+        save(best_export, best_path)
     model.load_state_dict(best_export["model"])
     # The best model's valid metrics were computed when it was exported (same weights, same
     # deterministic evaluation): reuse them instead of ranking every valid user again, which on a
     # 200k-user x 100k-item graph is a quarter of an hour on this CPU.
-    valid = best_export.get("valid") or evaluate_split(model, ds, graph, "valid", cfg, device)
-    results = {"valid": valid, "test": evaluate_split(model, ds, graph, "test", cfg, device)}
+    valid = best_export.get("valid") or evaluate_split(model, ds, graph, "valid", cfg, device, ctx)
+    results = {"valid": valid, "test": evaluate_split(model, ds, graph, "test", cfg, device, ctx)}
     extra = {"best_epoch": best_export["epoch"], "epochs_run": state["epoch"], "history": state["history"],
              "dataset": ds.summary() if hasattr(ds, "summary") else str(ds), "model": cfg["model"],
              "train_time_s": time.time() - t0}
     if hasattr(model, "gate_report"):
         extra["gates"] = model.gate_report()  # mean share of the graph branch per context
-    for cb in callbacks:
-        extra.update(cb.on_end(model=model, out=out) or {})
-    checkpoint.write_json(os.path.join(out, "metrics.json"), {**results, **extra})
+    if main_rank:
+        for cb in callbacks:
+            extra.update(cb.on_end(model=model, out=out) or {})
+        checkpoint.write_json(os.path.join(out, "metrics.json"), {**results, **extra})
     log.info("results (best epoch %d):\n%s", best_export["epoch"], metrics.format_table(results))
     return {**results, **extra}
+
+
+def _set_sample_seed(model, seed: int) -> None:
+    """Every sampled part of ``model`` (sampling.SampledTraining) draws with ``seed``."""
+    from .sampling import SampledTraining
+    for m in model.modules():
+        if isinstance(m, SampledTraining):
+            m.sample_seed = int(seed)
 
 
 def _tensorboard(cfg, out):
@@ -535,7 +586,7 @@ def main(argv=None) -> int:
         return 2
     try:
         train(cfg, callbacks=default_callbacks(cfg))
-    except (DataError, UnsafeCheckpointError) as e:   # a bad data file or checkpoint: one line
+    except (DataError, UnsafeCheckpointError, distributed.LaunchError) as e:   # bad data, checkpoint or launch: one line
         print(f"glrec_fast.train: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
@@ -546,4 +597,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if distributed.launched():
+        # torchrun: an uncaught error's traceback reaches the launcher, which ends every rank and
+        # names this one as the root cause.
+        from torch.distributed.elastic.multiprocessing.errors import record
+        main = record(main)
     sys.exit(main())

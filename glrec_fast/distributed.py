@@ -1,0 +1,185 @@
+"""Data-parallel training on torch.distributed: ``torchrun --nproc_per_node=N -m glrec_fast.train ...``.
+
+A run is distributed when it is started by ``torchrun`` (the launcher sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``); otherwise every function here is the identity
+of a one-process run. What the training loop does with a :class:`Context`:
+
+- one process group: gloo on CPU, NCCL on CUDA (each rank takes ``cuda:LOCAL_RANK``), with a
+  collective timeout (``--dist_timeout`` minutes) so that a stuck peer ends the job instead of
+  hanging it;
+- the model wrapped in ``DistributedDataParallel`` (gradients all-reduced, averaged); embedding
+  tables are replicated on every rank;
+- each step's global batch (``--batch_size`` triples, the same permutation on every rank) split
+  into ``world_size`` disjoint contiguous shards, one per rank, so that N ranks compute the same
+  averaged gradient as one process (up to the reduction's float order);
+- losses averaged over ranks every step (every rank sees the same loss, so divergence and the
+  grokking monitor decide the same thing everywhere) and the time budget decided by rank 0;
+- full-ranking evaluation sharded by user batches (``metrics.evaluate(shard=..., reduce=...)``),
+  reduced exactly: each batch's sums come from one rank and are added in one process's order;
+- files (logs, metrics.json, plots, checkpoints) written by rank 0 only.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("glrec_fast.train")
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class LaunchError(ValueError):
+    """The job as launched does not fit this machine or this run (device, world size, backend)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who this process is in the job. ``Context()`` is the one-process run."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None     # None: no process group (a plain one-process run)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+    # ------------------------------------------------------------------ collectives
+    def average(self, loss: torch.Tensor, parts: dict) -> tuple[torch.Tensor, dict]:
+        """The step's loss and loss parts averaged over ranks (one all-reduce)."""
+        if not self.active:
+            return loss, parts
+        keys = list(parts)
+        vals = torch.stack([loss.detach().float()] + [torch.as_tensor(parts[k], dtype=torch.float32,
+                                                                       device=loss.device) for k in keys])
+        torch.distributed.all_reduce(vals)
+        vals /= self.world_size
+        return vals[0], {k: vals[j + 1] for j, k in enumerate(keys)}
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (a decision made on one clock, such as the time budget)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device_for_collectives)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place all-reduce sum (the identity without a process group)."""
+        if self.active:
+            torch.distributed.all_reduce(t)
+        return t
+
+    @property
+    def device_for_collectives(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    def shard(self, start: int, stop: int) -> slice:
+        """This rank's contiguous part of the global batch ``[start, stop)`` (sizes differ by <= 1)."""
+        n = stop - start
+        lo = start + (n * self.rank) // self.world_size
+        hi = start + (n * (self.rank + 1)) // self.world_size
+        return slice(lo, hi)
+
+    def sample_seed(self, seed: int) -> int:
+        """Rank-distinct sampler seed; rank 0 keeps the one-process seed."""
+        if self.rank == 0:
+            return int(seed)
+        h = hashlib.blake2b(f"{seed}:{self.rank}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little", signed=True)
+
+    def eval_shard(self) -> tuple[int, int] | None:
+        return (self.rank, self.world_size) if self.active and self.world_size > 1 else None
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
+def launched() -> bool:
+    """True when torchrun (or any launcher with the same environment) started this process."""
+    return all(k in os.environ for k in ENV_KEYS)
+
+
+def setup(device_name: str, timeout_min: float) -> tuple[Context, torch.device]:
+    """Join the job torchrun started (if any) and choose this rank's device.
+
+    ``device_name`` is the run's ``--device``: ``auto`` or ``cuda`` gives each rank
+    ``cuda:LOCAL_RANK`` with NCCL when CUDA is available, ``cpu`` (or ``auto`` without CUDA) gives
+    gloo. Raises LaunchError naming what does not fit (more ranks on a node than CUDA devices, an
+    explicit ``cuda:N`` with several ranks, CUDA asked for on a machine without it)."""
+    if not launched():
+        return Context(), None
+    try:
+        rank, world, local = (int(os.environ[k]) for k in ENV_KEYS)
+    except ValueError as e:
+        raise LaunchError(f"torchrun environment: RANK, WORLD_SIZE and LOCAL_RANK must be integers ({e})") from None
+    if not (0 <= rank < world and 0 <= local < world):
+        raise LaunchError(f"torchrun environment: RANK={rank}, LOCAL_RANK={local} do not fit WORLD_SIZE={world}")
+    name = str(device_name)
+    want_cuda = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+    if want_cuda:
+        if not torch.cuda.is_available():
+            raise LaunchError(f"device: {name!r} with torchrun, but torch sees no CUDA device; use --device cpu (gloo)")
+        if ":" in name and world > 1:
+            raise LaunchError(f"device: {name!r} names one GPU, but {world} ranks each need their own; use "
+                             f"--device cuda (rank r takes cuda:LOCAL_RANK)")
+        n_dev = torch.cuda.device_count()
+        if ":" not in name and local >= n_dev:
+            raise LaunchError(f"torchrun started local rank {local} but this machine has {n_dev} CUDA device(s); "
+                             f"use --nproc_per_node={n_dev} (one GPU per rank) or --device cpu")
+        device = torch.device(name) if ":" in name else torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_available():
+        raise LaunchError("torchrun: this torch build has no torch.distributed")
+    if not torch.distributed.is_initialized():
+        kw = {"device_id": device} if backend == "nccl" else {}
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=float(timeout_min)), **kw)
+    ctx = Context(rank=rank, world_size=world, local_rank=local, backend=backend)
+    return ctx, device
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.active and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class _Step(torch.nn.Module):
+    """What DistributedDataParallel wraps: ``forward(kind, *args)`` calls ``model.<kind>(*args)``
+    (``loss`` or ``softmax_loss``), so the loss methods run inside DDP's forward and their
+    backward all-reduces the gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, kind: str, *args):
+        return getattr(self.model, kind)(*args)
+
+
+def step_function(model: torch.nn.Module, ctx: Context, device: torch.device):
+    """``fn(kind, *args) -> (loss, parts)``: the model's loss method, through DDP when distributed."""
+    if not ctx.active:
+        return lambda kind, *args: getattr(model, kind)(*args)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [device.index] if device.type == "cuda" else None
+    # static_graph: a run's loss uses the same parameters every step, so DDP learns once which ones
+    # a model leaves out (a branch at aux_weight 0, say); buffers (the grokking prior) are equal on
+    # every rank by construction and need no sync per step.
+    import inspect
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                      else {"broadcast_buffers": False})   # torch >= 2.13 renamed the flag
+    ddp = DDP(_Step(model), device_ids=ids, static_graph=True, **no_buffer_sync)
+    return lambda kind, *args: ddp(kind, *args)

@@ -1,0 +1,172 @@
+"""Data-parallel training with real torch.distributed processes (torchrun, gloo on CPU) on ml-100k.
+
+Each torchrun job here is a pair of real processes with one thread each; the module shares one
+2-rank training run between the tests that read its output folder.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import need_dataset
+from glrec_fast import distributed, metrics
+from glrec_fast.checkpoint import load
+from glrec_fast.train import recommend
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RUN = ["--dataset", "ml-100k", "--split", "random", "--model", "lightgcn", "--epochs", "2", "--device", "cpu",
+       "--num_threads", "1", "--emb_dim", "32"]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def run_train(nproc: int, out, extra=()) -> subprocess.CompletedProcess:
+    return torchrun(nproc, ["-m", "glrec_fast.train", *RUN, *extra, "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    need_dataset("ml-100k")
+    out = tmp_path_factory.mktemp("dist2")
+    proc = run_train(2, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def ml100k():
+    need_dataset("ml-100k")
+    from glrec_fast.data import load_dataset
+    from glrec_fast.graph import BipartiteGraph
+    ds = load_dataset("ml-100k", split="random", seed=0)
+    return ds, BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+
+
+# ----------------------------------------------------------------------------- in one process
+def test_shards_partition_every_batch():
+    for world in (1, 2, 3, 7):
+        for start, stop in ((0, 10), (5, 6), (100, 2148)):
+            parts = [distributed.Context(rank=r, world_size=world).shard(start, stop) for r in range(world)]
+            got = [i for p in parts for i in range(p.start, p.stop)]
+            assert got == list(range(start, stop))
+            sizes = [p.stop - p.start for p in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_sampler_seeds_differ_by_rank_and_rank0_keeps_the_run_seed():
+    seeds = [distributed.Context(rank=r, world_size=4).sample_seed(7) for r in range(4)]
+    assert seeds[0] == 7 and len(set(seeds)) == 4
+    assert seeds == [distributed.Context(rank=r, world_size=4).sample_seed(7) for r in range(4)]
+
+
+def test_sharded_evaluation_is_bit_identical_to_one_process(ml100k):
+    """Two shards whose sums are combined as an all-reduce would (rank 0's tensors added to rank 1's)
+    give exactly the one-process metrics, on every key."""
+    ds, graph = ml100k
+    gen = torch.Generator().manual_seed(0)
+    scorer = metrics.EmbeddingScorer(torch.randn(ds.num_users, 16, generator=gen),
+                                     torch.randn(ds.num_items, 16, generator=gen))
+    kw = dict(exclude=[ds.train, ds.valid], ks=(10, 20), item_context=graph.item_context, batch_size=97)
+    whole = metrics.evaluate(scorer, ds.test, ds.num_users, ds.num_items, **kw)
+    first: list[torch.Tensor] = []
+    metrics.evaluate(scorer, ds.test, ds.num_users, ds.num_items, shard=(0, 2),
+                     reduce=lambda t: first.append(t.clone()) or t, **kw)
+    both = metrics.evaluate(scorer, ds.test, ds.num_users, ds.num_items, shard=(1, 2),
+                            reduce=lambda t: t + first.pop(0), **kw)
+    assert both == whole
+    alone = metrics.evaluate(scorer, ds.test, ds.num_users, ds.num_items, shard=(1, 2), **kw)
+    assert alone["n_users"] < whole["n_users"]   # a shard on its own is not the whole
+    with pytest.raises(ValueError, match="shard"):
+        metrics.evaluate(scorer, ds.test, ds.num_users, ds.num_items, shard=(2, 2), **kw)
+
+
+def test_one_process_run_is_not_distributed(monkeypatch):
+    for k in distributed.ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    ctx, device = distributed.setup("cpu", 1.0)
+    assert not ctx.active and ctx.is_main and device is None
+
+
+# ----------------------------------------------------------------------------- torchrun, 2 ranks
+def test_two_ranks_write_rank0_files_only(two_rank_run):
+    out, proc = two_rank_run
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.json",
+                                                     "train.log", "training_curves.png"]
+    log = (out / "train.log").read_text()
+    assert "distributed: 2 ranks, backend gloo" in log
+    assert "[rank 0]" in log and "[rank 1]" not in log
+    assert "[rank 1] glrec_fast.train: epoch" not in proc.stderr   # other ranks log warnings only
+
+
+def test_two_rank_evaluation_equals_one_process_on_the_checkpoint(two_rank_run, ml100k):
+    """metrics.json's test numbers (ranked by 2 ranks) equal a one-process evaluation of best.pt."""
+    out, _ = two_rank_run
+    ds, graph = ml100k
+    ck = load(out / "best.pt")
+    reported = json.loads((out / "metrics.json").read_text())["test"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the ranks ran one thread each: the same matrix products
+    try:
+        again = metrics.evaluate(metrics.EmbeddingScorer(ck["user_emb"], ck["item_emb"]), ds.test, ds.num_users,
+                                 ds.num_items, exclude=[ds.train, ds.valid], ks=ck["config"]["topk"],
+                                 item_context=graph.item_context, batch_size=ck["config"]["eval_batch_size"])
+    finally:
+        torch.set_num_threads(threads)
+    assert again.keys() == reported.keys()
+    for k, v in again.items():
+        assert v == reported[k] or (v != v and reported[k] is None), k
+    # The checkpoint serves recommend() in one process.
+    recs = recommend(out / "best.pt", ck["user_ids"][:3], k=5)
+    assert len(recs) == 3 and all(len(r) == 5 for r in recs)
+
+
+def test_two_ranks_reach_one_process_quality(two_rank_run, tmp_path):
+    out, _ = two_rank_run
+    one = tmp_path / "one"
+    proc = subprocess.run([sys.executable, "-m", "glrec_fast.train", *RUN, "--out", str(one)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((out / "metrics.json").read_text())
+    # Same global batches and the same averaged gradient: equal up to the all-reduce's float order.
+    assert m1["epochs_run"] == m2["epochs_run"] == 2
+    assert abs(m1["test"]["ndcg@20"] - m2["test"]["ndcg@20"]) < 0.005, (m1["test"], m2["test"])
+    assert abs(m1["history"][-1]["loss"] - m2["history"][-1]["loss"]) < 0.005
+
+
+def test_resume_needs_the_same_world_size(two_rank_run):
+    out, _ = two_rank_run
+    proc = subprocess.run([sys.executable, "-m", "glrec_fast.train", *RUN, "--epochs", "3", "--resume",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2
+    assert "written by a run of 2 process(es)" in proc.stderr and "same world size (now 1)" in proc.stderr
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
+    need_dataset("ml-100k")
+    t = time.time()
+    proc = torchrun(2, [str(REPO / "tests" / "dist_worker.py"), "1", "3", *RUN, "--epochs", "5",
+                        "--out", str(tmp_path / "fail")], timeout=180)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at step 3" in proc.stdout + proc.stderr
+    assert time.time() - t < 120
+    assert not (tmp_path / "fail" / "metrics.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_under_torchrun_without_cuda_is_a_clear_error(tmp_path):
+    need_dataset("ml-100k")
+    proc = run_train(1, tmp_path / "cuda", extra=["--device", "cuda"])
+    assert proc.returncode != 0
+    # One line from the rank (exit 2, no traceback from our code); the launcher then reports the exit.
+    assert "glrec_fast.train: device: 'cuda' with torchrun, but torch sees no CUDA device; use --device cpu" in proc.stderr
+    assert "distributed.py" not in proc.stderr and "exitcode  : 2" in proc.stderr
