@@ -79,6 +79,13 @@ _REAL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.fl
                           torch.int16, torch.int32, torch.int64})
 
 
+def _concrete(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: tensors report an indexed device, so comparisons need one."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class GrokkingMonitor:
     """Watches each branch's training loss and validation metric for grokking (see module doc).
 
@@ -151,7 +158,7 @@ class GrokkingMonitor:
                            respond=bool(respond), prior_step=float(prior_step), prior_bound=float(prior_bound),
                            max_events=int(max_events), keep_history=bool(keep_history))
         self._index = {b: i for i, b in enumerate(names)}
-        self.device, self.dtype = torch.device("cpu" if device is None else device), dtype
+        self.device, self.dtype = _concrete(torch.device("cpu" if device is None else device)), dtype
         self._init_state()
 
     # ------------------------------------------------------------------ state
@@ -187,7 +194,7 @@ class GrokkingMonitor:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "GrokkingMonitor":
         """Move (and optionally cast) all state; returns self."""
-        device = self.device if device is None else torch.device(device)
+        device = self.device if device is None else _concrete(torch.device(device))
         dtype = self.dtype if dtype is None else dtype
         for k, v in self._tensors().items():
             if k == "event_buf":
@@ -259,6 +266,7 @@ class GrokkingMonitor:
         return torch.stack(parts).to(self.dtype).view(3, len(self.branches))
 
     def _scalar(self, name: str, branch, t) -> torch.Tensor:
+        # self.device is concrete (cuda:N, never bare cuda), so this equality is the same-device test.
         if isinstance(t, torch.Tensor):
             if t.dim() == 0 and t.device == self.device and t.dtype in _REAL_DTYPES:
                 return t

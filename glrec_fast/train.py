@@ -55,12 +55,13 @@ def _setup_logging(out: str, ctx: distributed.Context = distributed.Context()) -
 
 
 def _device(name: str) -> torch.device:
+    """The run's device, with its index (``cuda`` -> ``cuda:<current>``: tensors report one)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {name!r} requested but torch sees no CUDA device")
-    return dev
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
 def _numpy_state() -> list:

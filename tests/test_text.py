@@ -1,6 +1,7 @@
 """Language branch: real 4-bit NF4 loading of a tiny Qwen2 checkpoint on CPU, the bundled MiniLM on
 real titles (checked against sentence-transformers), the disk cache, item text and user vectors,
 and bad input. Nothing here downloads: every model is a local folder."""
+import importlib.util
 import logging
 import types
 
@@ -111,7 +112,7 @@ def test_qwen_last_token_uses_prompt_and_differs_from_mean(qwen_mean, tiny_qwen)
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_qwen_nf4_on_cuda_matches_cpu(qwen_mean, tiny_qwen, caplog):
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes", reason="the NF4 path needs bitsandbytes (pip install bitsandbytes)")
 
     caplog.set_level(logging.INFO, logger="glrec_fast.text")
     # device=None on a CUDA machine: auto must choose Qwen for a local checkpoint and put it on the GPU.
@@ -134,6 +135,14 @@ def test_qwen_nf4_on_cuda_matches_cpu(qwen_mean, tiny_qwen, caplog):
 
 def test_auto_picks_qwen_only_with_cuda_and_local_weights(tiny_qwen, caplog):
     caplog.set_level(logging.INFO, logger="glrec_fast.text")
+    missing = [p for p in ("bitsandbytes", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing:   # then auto rightly falls back to MiniLM, saying why
+        try:
+            e = gt.get_encoder("auto", device="cuda", model_path=tiny_qwen[0], progress=False)
+        except ModuleNotFoundError as err:  # MiniLM package absent too
+            pytest.skip(f"{missing} and {err}")
+        assert e.name == "minilm" and f"{' and '.join(missing)} not installed" in caplog.text
+        pytest.skip(f"{missing} not installed: Qwen cannot be chosen here")
     # The model loads lazily, so choosing Qwen for device="cuda" touches no GPU here.
     e = gt.get_encoder("auto", device="cuda", model_path=tiny_qwen[0], progress=False)
     assert isinstance(e, gt.QwenEncoder) and e._model is None
