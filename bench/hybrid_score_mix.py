@@ -8,7 +8,9 @@ Per seed, on the same split:
   lightgcn       LightGCN (BPR, early stopping on valid ndcg@20)
   gfcf           the GF-CF/BSPM graph filter, its (K, w, sharpening) chosen by a grid on valid
   content        the language branch alone (FusedHybridRec fusion="text", MiniLM item titles)
-  lightgcn+text  ScoreFusion of lightgcn and content, weight a in {0, 0.05, ..., 1} chosen on valid
+  gated          the embedding-level gated hybrid (FusedHybridRec, the library's defaults)
+  lightgcn+text  ScoreFusion of lightgcn (cold items scored 0, as ScoreHybrid does) and content,
+                 weight a in {0, 0.05, ..., 1} chosen on valid
   gfcf+text      ScoreFusion of gfcf and content, weight chosen on valid
 Test is read once per variant with training and validation pairs masked; per-context keys rank each
 context's items among themselves (cold items: the split's test-cold items among all cold items).
@@ -30,10 +32,12 @@ from glrec_fast import checkpoint, config, metrics, train
 from glrec_fast.data import load_dataset
 from glrec_fast.graph import BipartiteGraph
 from glrec_fast.models import filters
+from glrec_fast.graph import ITEM_COLD
 from glrec_fast.models.hybrid import ScoreFusion, tune_score_weight
+from glrec_fast.models.score_hybrid import cold_zero_scorer
 
 KEYS = ["recall@20", "ndcg@20", "ndcg@20/cold", "ndcg@20/warm", "ndcg@20/head", "ndcg@20/tail"]
-VARIANTS = ["lightgcn", "gfcf", "content", "lightgcn+text", "gfcf+text"]
+VARIANTS = ["lightgcn", "gfcf", "content", "gated", "lightgcn+text", "gfcf+text"]
 
 
 def trained(overrides: dict):
@@ -63,7 +67,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.merge:
         parts = [json.load(open(p)) for p in a.merge]
-        results = {v: [r for part in parts for r in part["results"][v]] for v in VARIANTS}
+        results = {v: [r for part in parts for r in part["results"].get(v, [])] for v in VARIANTS}
         chosen = [c for part in parts for c in part["chosen"]]
         a.seeds = [c["seed"] for c in chosen]
         a.dataset, a.split = parts[0]["args"]["dataset"], parts[0]["args"]["split"]
@@ -82,6 +86,8 @@ def main(argv=None):
         got["lightgcn"] = (res["valid"], res["test"], lgcn)
         res, content = trained({**base, "seed": seed, "model": "hybrid", "fusion": "text"})
         got["content"] = (res["valid"], res["test"], content)
+        res, gated = trained({**base, "seed": seed, "model": "hybrid", "fusion": "gated"})
+        got["gated"] = (res["valid"], res["test"], gated)
         grid = filters.grid_search(g, ds.valid, exclude=[ds.train], ranks=(128, 256, 512),
                                    ideal_weights=(0.1, 0.3, 0.5), sharpen=(("euler", 1, 0.0), ("rk4", 1, 1.5)),
                                    num_users=None, seed=seed)
@@ -92,7 +98,8 @@ def main(argv=None):
         gf = f.scorer()
         got["gfcf"] = (evaluate(gf, ds, g, "valid"), evaluate(gf, ds, g, "test"), gf)
         pick = {"gfcf": {k: best[k] for k in ("rank", "ideal_weight", "sharpen_time")}}
-        for name, graph_scorer in (("lightgcn+text", lgcn), ("gfcf+text", gf)):
+        lgcn_cold0 = cold_zero_scorer(lgcn.user_emb, lgcn.item_emb, g.item_context == ITEM_COLD)
+        for name, graph_scorer in (("lightgcn+text", lgcn_cold0), ("gfcf+text", gf)):
             w, _ = tune_score_weight(graph_scorer, content, ds.valid, ds.num_users, ds.num_items, exclude=[ds.train])
             mix = ScoreFusion(graph_scorer, content, w)
             got[name] = (evaluate(mix, ds, g, "valid"), evaluate(mix, ds, g, "test"), mix)
@@ -117,9 +124,12 @@ def report(a, results, chosen, wall_s):
     lines = [f"Test metrics, {a.dataset} ({a.split} split), seeds {a.seeds}, mean ± std", "",
              "| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for v in VARIANTS:
-        lines.append(f"| {v} | " + " | ".join("%.4f ± %.4f" % agg(v, k) for k in keys) + " |")
+        if results[v]:
+            lines.append(f"| {v} | " + " | ".join("%.4f ± %.4f" % agg(v, k) for k in keys) + " |")
     best_single = max(("lightgcn", "gfcf", "content"), key=lambda v: agg(v, "ndcg@20")[0])
-    for v in ("lightgcn+text", "gfcf+text"):
+    for v in ("gated", "lightgcn+text", "gfcf+text"):
+        if not results[v]:
+            continue
         lines.append(f"| {v} vs {best_single} | " + " | ".join(
             f"{(agg(v, k)[0] / agg(best_single, k)[0] - 1) * 100:+.1f}%" if agg(best_single, k)[0] else "n/a"
             for k in keys) + " |")

@@ -104,6 +104,9 @@ def build_model(cfg, ds, graph: BipartiteGraph, device):
     if name in ("graphsage", "lightgcn"):
         from .models import graphsage
         return graphsage.build(cfg, ds, graph)
+    if name == "hybrid" and cfg["fusion"] == "score":
+        from .models import score_hybrid
+        return score_hybrid.build(cfg, ds, graph, device)
     if name == "hybrid":
         from .models import hybrid
         return hybrid.build(cfg, ds, graph, device)
@@ -125,11 +128,12 @@ def check_config(cfg: dict) -> None:
     from .models.filters import SOLVERS
     from .models.hybrid import COLD_GATES, FUSIONS, GRAPH_BRANCHES, USER_GATES
     from .models.lightgcn import LightGCN
+    from .models.score_hybrid import FILTER_BRANCHES
     from .text.encoders import ENCODER_NAMES
 
     choices = {"model": MODELS, "split": (None, *SPLITS), "loss": ("bpr", "softmax"),
                "init": ("normal", "spectral"), "sharpen_solver": SOLVERS, "encoder": ENCODER_NAMES,
-               "graph_branch": GRAPH_BRANCHES, "fusion": FUSIONS, "cold_gate": COLD_GATES, "user_gate": USER_GATES,
+               "graph_branch": (*GRAPH_BRANCHES, *FILTER_BRANCHES), "fusion": (*FUSIONS, "score"), "cold_gate": COLD_GATES, "user_gate": USER_GATES,
                "propagate_dtype": tuple(LightGCN.PROPAGATE_DTYPES)}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
@@ -165,6 +169,10 @@ def check_config(cfg: dict) -> None:
     for key, value in (("loss", "softmax"), ("init", "spectral")):
         if cfg[key] == value and cfg["model"] in ("gfcf", "bspm"):
             raise ValueError(f"{key}: {value} is for trained models; {cfg['model']} is training-free")
+    if cfg["graph_branch"] in FILTER_BRANCHES and not (cfg["model"] == "hybrid" and cfg["fusion"] == "score"):
+        raise ValueError(f"graph_branch: {cfg['graph_branch']} (a fitted filter) mixes with the text branch at score "
+                         f"level only; use --model hybrid --fusion score, or a graph branch of "
+                         f"{' | '.join(GRAPH_BRANCHES)}")
     locate(cfg["dataset"])
 
 
@@ -384,6 +392,8 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
         if evaluate_now:
             t_ev = time.time()
             if has_valid:
+                if hasattr(model, "tune"):   # a score-level hybrid picks its mix weight on valid
+                    model.tune(ds.valid, exclude=[ds.train], batch_size=cfg["eval_batch_size"])
                 vm = evaluate_split(model, ds, graph, "valid", cfg, device, ctx)
                 row.update({f"valid/{k}": v for k, v in vm.items() if k in ("recall@20", "ndcg@20")})
                 score = vm.get("ndcg@20", -math.inf)
@@ -518,6 +528,10 @@ def _fit_filter(cfg, model, ds, graph, device, out, t0) -> dict:
 # ----------------------------------------------------------------------------- recommend
 def scorer_from_export(ck: dict):
     """The ``users -> scores`` function a best.pt export describes (embeddings or a graph filter)."""
+    if "score_fusion" in ck:
+        from .models.score_hybrid import ScoreHybrid
+        graph = BipartiteGraph.from_interactions(ck["train"], len(ck["user_ids"]), len(ck["item_ids"]))
+        return ScoreHybrid.scorer_from_export(ck, graph)
     if "filter" in ck:
         from .models.filters import GraphFilter
         graph = BipartiteGraph.from_interactions(ck["train"], len(ck["user_ids"]), len(ck["item_ids"]))

@@ -333,3 +333,73 @@ def test_cli_hybrid_softmax_trains(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     hist = m["history"]
     assert hist[-1]["loss"] < hist[0]["loss"] and m["test"]["ndcg@20"] > 0.05, (hist, m["test"])
+
+
+# ----------------------------------------------------------------------------- score-level hybrid
+def _score_hybrid(weight=0.5):
+    from glrec_fast.models.lightgcn import LightGCN
+    from glrec_fast.models.score_hybrid import ScoreHybrid
+    g = _graph()
+    torch.manual_seed(0)
+    text = FusedHybridRec(g, torch.randn(g.num_items, 6), fusion="text", dim=8)
+    return g, ScoreHybrid(g, LightGCN(g, dim=8, num_layers=2), text, weight=weight)
+
+
+def test_score_hybrid_trains_both_branches_and_tunes_on_valid():
+    from glrec_fast.models.hybrid import tune_score_weight
+    g, m = _score_hybrid()
+    users, pos, neg = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
+    loss, parts = m.loss(users, pos, neg, 1e-4)
+    loss.backward()
+    assert {"bpr_graph", "bpr_text"} <= set(parts)
+    assert m.graph_model.ego.weight.grad.abs().sum() > 0
+    assert m.text_model.projector[0].weight.grad.abs().sum() > 0
+    # Cold items score 0 in the graph branch (their vectors are untrained noise).
+    cold = g.item_context == ITEM_COLD
+    assert bool(cold.any())
+    gs, _ = m.branch_scorers()
+    assert (gs(torch.arange(5))[:, cold] == 0).all()
+    # tune() sets the weight that tune_score_weight picks, and scorer() ranks with it.
+    valid = torch.stack([torch.arange(g.num_users), torch.randint(0, g.num_items, (g.num_users,))], 1)
+    a = m.tune(valid)
+    want, _ = tune_score_weight(*m.branch_scorers(), valid, g.num_users, g.num_items)
+    assert a == want and float(m.weight) == pytest.approx(a) and m.scorer().weight == pytest.approx(a)
+    with pytest.raises(ValueError, match="content-only"):
+        type(m)(g, m.graph_model, FusedHybridRec(g, torch.randn(g.num_items, 6)))
+
+
+@minilm
+def test_cli_score_hybrid_with_filter_branch_on_the_cold_split(tmp_path):
+    """--fusion score --graph_branch gfcf end to end: the weight chosen on valid is reported, best.pt
+    serves recommend(), and cold items are ranked by the text branch alone."""
+    from glrec_fast import metrics
+    from glrec_fast.checkpoint import load
+    from glrec_fast.data import load_dataset
+    from glrec_fast.graph import BipartiteGraph
+    from glrec_fast.metrics import EmbeddingScorer
+    out = tmp_path / "score"
+    rc = train.main(SMALL_HYBRID + ["--split", "cold", "--fusion", "score", "--graph_branch", "gfcf",
+                                    "--filter_rank", "16", "--grokking", "false", "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    a = m["gates"]["score/graph_weight"]
+    assert 0.0 <= a <= 1.0 and m["test"]["n_users/cold"] > 0
+    ck = load(out / "best.pt")
+    scorer = train.scorer_from_export(ck)
+    assert scorer.weight == pytest.approx(a)
+    ds = load_dataset("synthetic", split="cold", seed=0, num_users=300, num_items=150, num_interactions=6000)
+    graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    kw = dict(exclude=[ds.train, ds.valid], ks=(20,), item_context=graph.item_context)
+    got = metrics.evaluate(scorer, ds.test, ds.num_users, ds.num_items, **kw)
+    assert got["ndcg@20"] == pytest.approx(m["test"]["ndcg@20"], abs=1e-6)
+    text_only = EmbeddingScorer(ck["text_branch"]["user_emb"], ck["text_branch"]["item_emb"])
+    if a < 1.0:
+        assert got["ndcg@20/cold"] == metrics.evaluate(text_only, ds.test, ds.num_users, ds.num_items, **kw)["ndcg@20/cold"]
+    # recommend() ranks with the same mix (training items masked).
+    users = ck["user_ids"][:4]
+    recs = train.recommend(out / "best.pt", users, k=5)
+    tile = scorer(torch.arange(4))
+    rowptr, items = metrics.csr_of_pairs(ck["train"], len(ck["user_ids"]))
+    tile[metrics.csr_rows(rowptr, items, torch.arange(4))] = float("-inf")
+    want = [[ck["item_ids"][i] for i in r] for r in torch.topk(tile, 5, dim=1).indices.tolist()]
+    assert recs == want
