@@ -74,6 +74,17 @@ def gated_fusion(e_graph: torch.Tensor, e_text: torch.Tensor, context: torch.Ten
     return (g * eg + (1 - g) * et).to(e_graph.dtype)
 
 
+def gated_fusion_offset(e_graph, e_text, context, gate_weight, gate_bias, offset) -> torch.Tensor:
+    """``gated_fusion`` with a per-row offset ``[N, d]`` on the gate logit (the hybrid's continuous
+    gate: ``offset`` is its network's output for each row):
+    ``g = sigmoid(W[c, 0] * e_graph + W[c, 1] * e_text + b[c] + offset)``."""
+    w = gate_weight[context].float()
+    b = gate_bias[context].float() + offset.float()
+    eg, et = e_graph.float(), e_text.float()
+    g = torch.sigmoid(w[:, 0] * eg + w[:, 1] * et + b)
+    return (g * eg + (1 - g) * et).to(e_graph.dtype)
+
+
 def gate_values(e_graph, e_text, context, gate_weight, gate_bias) -> torch.Tensor:
     """The gate ``g`` itself (for reports and plots)."""
     w = gate_weight[context].float()

@@ -126,7 +126,7 @@ def check_config(cfg: dict) -> None:
     from .data.registry import locate
     from .data.splits import SPLITS
     from .models.filters import SOLVERS
-    from .models.hybrid import COLD_GATES, FUSIONS, GRAPH_BRANCHES, USER_GATES
+    from .models.hybrid import COLD_GATES, FUSIONS, GATE_FEATURES, GRAPH_BRANCHES, USER_GATES
     from .models.lightgcn import LightGCN
     from .models.score_hybrid import FILTER_BRANCHES
     from .text.encoders import ENCODER_NAMES
@@ -134,6 +134,7 @@ def check_config(cfg: dict) -> None:
     choices = {"model": MODELS, "split": (None, *SPLITS), "loss": ("bpr", "softmax"),
                "init": ("normal", "spectral"), "sharpen_solver": SOLVERS, "encoder": ENCODER_NAMES,
                "graph_branch": (*GRAPH_BRANCHES, *FILTER_BRANCHES), "fusion": (*FUSIONS, "score"), "cold_gate": COLD_GATES, "user_gate": USER_GATES,
+               "gate_features": GATE_FEATURES,
                "propagate_dtype": tuple(LightGCN.PROPAGATE_DTYPES)}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:

@@ -403,3 +403,71 @@ def test_cli_score_hybrid_with_filter_branch_on_the_cold_split(tmp_path):
     tile[metrics.csr_rows(rowptr, items, torch.arange(4))] = float("-inf")
     want = [[ck["item_ids"][i] for i in r] for r in torch.topk(tile, 5, dim=1).indices.tolist()]
     assert recs == want
+
+
+# ----------------------------------------------------------------------------- continuous gate
+def test_continuous_gate_starts_at_the_bucket_gate():
+    torch.manual_seed(3)
+    _, buckets = _model()
+    torch.manual_seed(3)
+    _, cont = _model(gate_features="continuous")
+    for k in ("fused",):
+        for a, b in zip(buckets.branch_embeddings()[k], cont.branch_embeddings()[k]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _features_by_hand(g, e_graph, e_text, side, cold):
+    """The continuous gate's inputs written out in plain torch (log degree standardised over the
+    graph's items or users, degree 0 for cold rows; cold flag; cosine of the two vectors; is-user)."""
+    deg = (g.item_degree if side == "item" else g.user_degree).float()
+    logd = torch.log1p(deg)
+    z = (logd - logd.mean()) / logd.std()
+    z = torch.where(cold, -logd.mean() / logd.std(), z)
+    cos = torch.nn.functional.cosine_similarity(e_graph.detach(), e_text.detach(), dim=1)
+    return torch.stack([z, cold.float(), cos, torch.full_like(cos, float(side == "user"))], 1)
+
+
+@pytest.mark.parametrize("cold_gate", ["fixed", "vector"])
+def test_continuous_gate_equals_its_plain_torch_reference(cold_gate):
+    """Fused item and user vectors and every gradient (gate network, gate table, both branches)
+    against reference.gated_fusion_offset with the features computed by hand."""
+    torch.manual_seed(4)
+    g, m = _model(gate_features="continuous", cold_gate=cold_gate)
+    with torch.no_grad():   # a trained-looking gate: every parameter away from its start
+        for p in list(m.gate_net.parameters()) + [m.gate_weight, m.gate_bias]:
+            p.add_(0.3 * torch.randn_like(p))
+    br = m.branch_embeddings()
+    (g_u, g_i), (t_u, t_i) = br["graph"], br["text"]
+    cases = [("item", g_i, t_i, g.item_context, g.item_context == ITEM_COLD),
+             ("user", g_u, t_u, user_gate_ids(g.user_context, 1), g.user_context == USER_COLD)]
+    for side, eg, et, ids, cold in cases:
+        params = [eg, et, m.gate_weight, m.gate_bias, *m.gate_net.parameters()]
+        go = torch.randn(eg.shape)
+        got = m._fuse(eg, et, ids, side)
+        grads = torch.autograd.grad((got * go).sum(), params, retain_graph=True, allow_unused=True)
+        w, b = m._gate_params()
+        offset = m.gate_net(_features_by_hand(g, eg, et, side, cold))
+        if cold_gate != "vector":
+            offset = offset * (~m.cold_rows[ids]).unsqueeze(1).float()
+        want = reference.gated_fusion_offset(eg, et, ids, w, b, offset)
+        ref_grads = torch.autograd.grad((want * go).sum(), params, retain_graph=True, allow_unused=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for a, r in zip(grads, ref_grads):
+            torch.testing.assert_close(a if a is not None else torch.zeros(()), r if r is not None else torch.zeros(()),
+                                       rtol=1e-4, atol=1e-6)
+        assert grads[-1].abs().sum() > 0   # the network learns
+
+
+def test_continuous_gate_trains_and_is_pulled_back_by_gate_reg():
+    torch.manual_seed(5)
+    g, m = _model(gate_features="continuous", gate_reg=1.0)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    users, pos, neg = torch.arange(10), torch.randint(0, 20, (10,)), torch.randint(0, 25, (10,))
+    loss, parts = m.loss(users, pos, neg, 1e-4)
+    assert "gate_reg" in parts
+    loss.backward()
+    assert m.gate_net[2].weight.grad.abs().sum() > 0
+    opt.step()
+    assert m.gate_net[2].weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="gate_features"):
+        _model(gate_features="knn")

@@ -62,6 +62,8 @@ FUSIONS = ("gated", "static", "graph", "text")
 USER_GATES = ("item_context", "shared")
 GRAPH_BRANCHES = ("lightgcn", "graphsage")
 COLD_GATES = ("vector", "scalar", "fixed")
+GATE_FEATURES = ("buckets", "continuous")
+NUM_GATE_FEATURES = 4            # log training degree (standardised), cold flag, graph-text agreement, is-user
 
 
 def user_gate_ids(user_ctx: torch.Tensor | int, item_ctx: torch.Tensor | int) -> torch.Tensor | int:
@@ -75,7 +77,8 @@ class FusedHybridRec(Recommender):
                  text_hidden: int = 128, cold_drop: float = 0.2, aux_weight: float = 0.5,
                  static_weight: float = 0.5, init_std: float = 0.1, gate_init: float = 0.5,
                  user_gate: str = "item_context", cold_weight: float = 0.0, cold_gate: str = "fixed",
-                 fanouts=(10, 10), sample_seed: int = 0, gate_reg: float = 0.0):
+                 fanouts=(10, 10), sample_seed: int = 0, gate_reg: float = 0.0, gate_features: str = "buckets",
+                 gate_hidden: int = 16):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion: expected one of {FUSIONS}, got {fusion!r}")
@@ -83,6 +86,8 @@ class FusedHybridRec(Recommender):
             raise ValueError(f"cold_gate: expected one of {COLD_GATES}, got {cold_gate!r}")
         if user_gate not in USER_GATES:
             raise ValueError(f"user_gate: expected one of {USER_GATES}, got {user_gate!r}")
+        if gate_features not in GATE_FEATURES:
+            raise ValueError(f"gate_features: expected one of {GATE_FEATURES}, got {gate_features!r}")
         if graph_branch not in GRAPH_BRANCHES:
             raise ValueError(f"graph_branch: expected one of {GRAPH_BRANCHES}, got {graph_branch!r}")
         content = torch.as_tensor(content, dtype=torch.float32)
@@ -151,6 +156,23 @@ class FusedHybridRec(Recommender):
         self.register_buffer("cold_rows", cold_rows)
         self.cold_logit = nn.Parameter(torch.full((NUM_GATES,), self.gate_start_logit),
                                        requires_grad=cold_gate == "scalar")
+        # Continuous context (gate_features="continuous"): a small network adds a per-row, per-dimension
+        # offset to the bucket gate's logit from each row's features (gate_inputs()). Its last layer
+        # starts at zero, so the gate starts exactly at the bucket gate (the static mix at gate_init),
+        # and gate_reg pulls its weights back there.
+        self.gate_features = gate_features
+        self.gate_net = None
+        if gate_features == "continuous":
+            self.gate_net = nn.Sequential(nn.Linear(NUM_GATE_FEATURES, gate_hidden), nn.GELU(),
+                                          nn.Linear(gate_hidden, dim))
+            nn.init.zeros_(self.gate_net[2].weight)
+            nn.init.zeros_(self.gate_net[2].bias)
+            for side, deg in (("item", graph.item_degree), ("user", graph.user_degree)):
+                logd = torch.log1p(deg.to(torch.float32))
+                mean, std = logd.mean(), logd.std().clamp(min=1e-6)
+                self.register_buffer(f"{side}_logdeg", (logd - mean) / std)
+                # the standardised value of degree 0: what a cold (or dropped, simulated cold) row reads
+                self.register_buffer(f"{side}_logdeg0", -mean / std)
 
     # ------------------------------------------------------------------ branches
     def graph_embeddings(self):
@@ -173,7 +195,9 @@ class FusedHybridRec(Recommender):
     def text_user(self, users=None):
         return self.projector(self.user_content if users is None else self.user_content[users])
 
-    def _fuse(self, e_graph, e_text, gate_ids):
+    def _fuse(self, e_graph, e_text, gate_ids, side: str, ids=None):
+        """Fused vectors of rows whose gates are ``gate_ids``; ``side`` ("item" / "user") and ``ids``
+        (the rows' item or user ids, None = all in order) feed the continuous gate's features."""
         if self.fusion == "graph":
             return e_graph
         if self.fusion == "text":
@@ -181,7 +205,36 @@ class FusedHybridRec(Recommender):
         if self.fusion == "static":
             a = self.static_weight
             return a * e_graph + (1 - a) * e_text
-        return ops.gated_fusion(e_graph, e_text, gate_ids, *self._gate_params())
+        return ops.gated_fusion(e_graph, e_text, *self._row_gates(e_graph, e_text, gate_ids, side, ids))
+
+    def _row_gates(self, e_graph, e_text, gate_ids, side, ids):
+        """(gate ids, gate_weight, gate_bias) for the fusion op. Buckets: the shared per-context table.
+        Continuous: one gate per row, its bucket's parameters plus the network's offset on the bias."""
+        w, b = self._gate_params()
+        if self.gate_net is None:
+            return gate_ids, w, b
+        offset = self.gate_net(self.gate_inputs(e_graph, e_text, gate_ids, side, ids))
+        if self.cold_gate != "vector":   # gates that score cold items keep their fixed/scalar value
+            offset = offset * (~self.cold_rows[gate_ids]).unsqueeze(1).to(offset.dtype)
+        rows = torch.arange(e_graph.size(0), device=e_graph.device)
+        return rows, w[gate_ids], b[gate_ids] + offset
+
+    def gate_inputs(self, e_graph, e_text, gate_ids, side: str, ids=None) -> torch.Tensor:
+        """[N, 4] features of the continuous gate: the row's log training degree (standardised; 0
+        interactions for a cold row, including warm items the cold-start simulation drops), its cold
+        flag, the agreement of its two branch vectors (cosine, no gradient) and whether it is a user."""
+        if side == "item":
+            cold = gate_ids == ITEM_COLD
+            logdeg = self.item_logdeg if ids is None else self.item_logdeg[ids]
+            logdeg = torch.where(cold, self.item_logdeg0, logdeg)
+        elif side == "user":
+            cold = (gate_ids - USER_GATE_OFFSET) // NUM_ITEM_CONTEXTS == USER_COLD
+            logdeg = self.user_logdeg if ids is None else self.user_logdeg[ids]
+        else:
+            raise ValueError(f"side: expected 'item' or 'user', got {side!r}")
+        agree = torch.nn.functional.cosine_similarity(e_graph.detach().float(), e_text.detach().float(), dim=1)
+        is_user = torch.full_like(agree, float(side == "user"))
+        return torch.stack([logdeg.to(agree.dtype), cold.to(agree.dtype), agree, is_user], 1)
 
     def _gate_params(self):
         """(gate_weight, gate_bias) as the fusion op sees them: cold rows per ``cold_gate``, plus the prior."""
@@ -199,18 +252,18 @@ class FusedHybridRec(Recommender):
         """Fused user vectors for ranking: ``[U, d]``, or ``[U, 3d]`` (one block per item context)."""
         u_ctx = self.user_context
         if not self.per_context_users:
-            return self._fuse(g_u, t_u, self._user_ids(u_ctx, 0))
-        return torch.cat([self._fuse(g_u, t_u, self._user_ids(u_ctx, c)) for c in range(NUM_ITEM_CONTEXTS)], 1)
+            return self._fuse(g_u, t_u, self._user_ids(u_ctx, 0), "user")
+        return torch.cat([self._fuse(g_u, t_u, self._user_ids(u_ctx, c), "user") for c in range(NUM_ITEM_CONTEXTS)], 1)
 
     def fused_items(self, g_i, t_i) -> torch.Tensor:
         """Fused item vectors for ranking: ``[I, d]``, or ``[I, 3d]`` with the vector in its context's block."""
-        f = self._fuse(g_i, t_i, self.item_context)
+        f = self._fuse(g_i, t_i, self.item_context, "item")
         return _in_context_blocks(f, self.item_context) if self.per_context_users else f
 
-    def gate_values(self, e_graph, e_text, gate_ids):
+    def gate_values(self, e_graph, e_text, gate_ids, side: str = "item", ids=None):
         """The gate g per row and dimension (1 = all graph, 0 = all text), for reports and plots."""
         from ..reference import gate_values
-        return gate_values(e_graph, e_text, gate_ids, *self._gate_params())
+        return gate_values(e_graph, e_text, *self._row_gates(e_graph, e_text, gate_ids, side, ids))
 
     # ------------------------------------------------------------------ training
     def prefetch(self, users, pos, neg):
@@ -253,17 +306,17 @@ class FusedHybridRec(Recommender):
         """A user has one fused vector per item context (ranking's [U, 3d] layout)."""
         return self.per_context_users and self.fusion in ("gated", "static")
 
-    def _users_for(self, gu_b, t_u, u_ctx, item_ctx):
-        """Users' vectors (contexts ``u_ctx``) for scoring items of context ``item_ctx`` (per row, or
-        an int); without per-context users the item context does not matter."""
+    def _users_for(self, gu_b, t_u, users, u_ctx, item_ctx):
+        """Vectors of ``users`` (contexts ``u_ctx``) for scoring items of context ``item_ctx`` (per row,
+        or an int); without per-context users the item context does not matter."""
         if self.fusion in ("graph", "text"):
             return gu_b if self.fusion == "graph" else t_u
-        return self._fuse(gu_b, t_u, self._user_ids(u_ctx, item_ctx))
+        return self._fuse(gu_b, t_u, self._user_ids(u_ctx, item_ctx), "user", users)
 
-    def _items_fused(self, gi_b, t_i, i_ctx):
+    def _items_fused(self, gi_b, t_i, items, i_ctx):
         if self.fusion in ("graph", "text"):
             return gi_b if self.fusion == "graph" else t_i
-        return self._fuse(gi_b, t_i, i_ctx)
+        return self._fuse(gi_b, t_i, i_ctx, "item", items)
 
     def _extra_terms(self, users, items, parts, batch, head, name):
         """Each branch's own loss at ``aux_weight``, the cold-vs-cold term and the gate pull: the same
@@ -280,8 +333,8 @@ class FusedHybridRec(Recommender):
             # the cold path (graph embedding dropped, cold item gate, the user's gate for cold
             # items), so the cold path learns to order cold items among themselves and not only to
             # lift a dropped item above warm negatives.
-            c_i = self._fuse(torch.zeros_like(t_i), t_i, torch.full_like(items, ITEM_COLD))
-            c_u = self._fuse(gu_b, t_u, self._user_ids(self.user_context[users], ITEM_COLD))
+            c_i = self._fuse(torch.zeros_like(t_i), t_i, torch.full_like(items, ITEM_COLD), "item", items)
+            c_u = self._fuse(gu_b, t_u, self._user_ids(self.user_context[users], ITEM_COLD), "user", users)
             l_c = head(c_u, c_i)
             total = total + self.cold_weight * l_c
             parts[f"{name}_cold"] = l_c.detach()
@@ -289,6 +342,8 @@ class FusedHybridRec(Recommender):
             # L2 pull of every gate toward its start (the static mix at gate_init): the gate may move
             # only as far as the data keeps paying for it.
             g_reg = self.gate_weight.pow(2).sum() + (self.gate_bias - self.gate_start_logit).pow(2).sum()
+            if self.gate_net is not None:
+                g_reg = g_reg + sum(p.pow(2).sum() for p in self.gate_net.parameters())
             total = total + self.gate_reg * g_reg
             parts["gate_reg"] = g_reg.detach()
         return total
@@ -307,15 +362,16 @@ class FusedHybridRec(Recommender):
         items = torch.cat([pos, neg])
         B = users.numel()
         batch = t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
-        f_i = self._items_fused(gi_b, t_i, i_ctx)
+        f_i = self._items_fused(gi_b, t_i, items, i_ctx)
         u_ctx = self.user_context[users]
         if self._users_per_context:
             # The user's vector for the positive and for the negative, each through the user gate of
             # that item's context (a dropped item counts as cold, so the cold simulation trains it too).
-            f_u2 = self._users_for(torch.cat([gu_b, gu_b]), torch.cat([t_u, t_u]), u_ctx.repeat(2), i_ctx)
+            f_u2 = self._users_for(torch.cat([gu_b, gu_b]), torch.cat([t_u, t_u]), users.repeat(2), u_ctx.repeat(2),
+                                   i_ctx)
             f_up, f_un = f_u2[:B], f_u2[B:]
         else:
-            f_up = f_un = self._users_for(gu_b, t_u, u_ctx, 0)
+            f_up = f_un = self._users_for(gu_b, t_u, users, u_ctx, 0)
         loss_main = bpr_loss((f_up * f_i[:B]).sum(-1), (f_un * f_i[B:]).sum(-1))
         parts = {"bpr": loss_main.detach()}
 
@@ -339,10 +395,10 @@ class FusedHybridRec(Recommender):
         items = torch.cat([pos, negs])
         B = users.numel()
         batch = t_u, t_i, gu_b, gi_b, i_ctx = self._batch(users, items)
-        f_i = self._items_fused(gi_b, t_i, i_ctx)
+        f_i = self._items_fused(gi_b, t_i, items, i_ctx)
         contexts = range(NUM_ITEM_CONTEXTS) if self._users_per_context else (0,)
         u_ctx = self.user_context[users]
-        u, f = self._blocks([self._users_for(gu_b, t_u, u_ctx, c) for c in contexts], f_i, i_ctx)
+        u, f = self._blocks([self._users_for(gu_b, t_u, users, u_ctx, c) for c in contexts], f_i, i_ctx)
 
         def listwise(u, i):
             return sampled_softmax(u, i[:B], i[B:], pos, negs, temperature)
@@ -384,7 +440,7 @@ class FusedHybridRec(Recommender):
                 out[f"gate/item_{name}"] = float(gi[sel].mean())
         item_ctxs = ITEM_CONTEXT_NAMES.items() if self.per_context_users else [(0, None)]
         for c, cname in item_ctxs:
-            gu = self.gate_values(g_u, t_u, self._user_ids(self.user_context, c)).mean(1)
+            gu = self.gate_values(g_u, t_u, self._user_ids(self.user_context, c), "user").mean(1)
             for code, name in USER_CONTEXT_NAMES.items():
                 sel = self.user_context == code
                 if bool(sel.any()):
@@ -426,7 +482,7 @@ def build(cfg: dict, ds, graph, device) -> FusedHybridRec:
                           static_weight=cfg["static_weight"], init_std=cfg["init_std"],
                           gate_init=cfg["gate_init"], user_gate=cfg["user_gate"],
                           cold_weight=cfg["cold_weight"], cold_gate=cfg["cold_gate"], fanouts=cfg["fanouts"],
-                          sample_seed=cfg["seed"], gate_reg=cfg["gate_reg"])
+                          sample_seed=cfg["seed"], gate_reg=cfg["gate_reg"], gate_features=cfg["gate_features"])
 
 
 # ----------------------------------------------------------------------------- score-level fusion
