@@ -9,6 +9,7 @@ Per seed, on the same split:
   gfcf           the GF-CF/BSPM graph filter, its (K, w, sharpening) chosen by a grid on valid
   content        the language branch alone (FusedHybridRec fusion="text", MiniLM item titles)
   gated          the embedding-level gated hybrid (FusedHybridRec, the library's defaults)
+  gated-cont     the same with the continuous-context gate (--gate_features continuous)
   lightgcn+text  ScoreFusion of lightgcn (cold items scored 0, as ScoreHybrid does) and content,
                  weight a in {0, 0.05, ..., 1} chosen on valid
   gfcf+text      ScoreFusion of gfcf and content, weight chosen on valid
@@ -37,7 +38,7 @@ from glrec_fast.models.hybrid import ScoreFusion, tune_score_weight
 from glrec_fast.models.score_hybrid import cold_zero_scorer
 
 KEYS = ["recall@20", "ndcg@20", "ndcg@20/cold", "ndcg@20/warm", "ndcg@20/head", "ndcg@20/tail"]
-VARIANTS = ["lightgcn", "gfcf", "content", "gated", "lightgcn+text", "gfcf+text"]
+VARIANTS = ["lightgcn", "gfcf", "content", "gated", "gated-cont", "lightgcn+text", "gfcf+text"]
 
 
 def trained(overrides: dict):
@@ -62,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
+                    help="gated-cont is optional (runs only when named here or by default)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no training: one table from the --json files of runs over disjoint seeds")
     a = ap.parse_args(argv)
@@ -88,6 +91,10 @@ def main(argv=None):
         got["content"] = (res["valid"], res["test"], content)
         res, gated = trained({**base, "seed": seed, "model": "hybrid", "fusion": "gated"})
         got["gated"] = (res["valid"], res["test"], gated)
+        if "gated-cont" in a.variants:
+            res, cont = trained({**base, "seed": seed, "model": "hybrid", "fusion": "gated",
+                                 "gate_features": "continuous"})
+            got["gated-cont"] = (res["valid"], res["test"], cont)
         grid = filters.grid_search(g, ds.valid, exclude=[ds.train], ranks=(128, 256, 512),
                                    ideal_weights=(0.1, 0.3, 0.5), sharpen=(("euler", 1, 0.0), ("rk4", 1, 1.5)),
                                    num_users=None, seed=seed)
@@ -106,6 +113,8 @@ def main(argv=None):
             pick[name] = w
         chosen.append({"seed": seed, **pick})
         for v in VARIANTS:
+            if v not in got:
+                continue
             results[v].append({"seed": seed, "valid": got[v][0], "test": got[v][1]})
             print(f"[{time.time() - t0:6.0f}s] seed {seed} {v:<14} test ndcg@20 {got[v][1]['ndcg@20']:.4f} "
                   f"cold {got[v][1].get('ndcg@20/cold', float('nan')):.4f}", flush=True)
@@ -127,7 +136,7 @@ def report(a, results, chosen, wall_s):
         if results[v]:
             lines.append(f"| {v} | " + " | ".join("%.4f ± %.4f" % agg(v, k) for k in keys) + " |")
     best_single = max(("lightgcn", "gfcf", "content"), key=lambda v: agg(v, "ndcg@20")[0])
-    for v in ("gated", "lightgcn+text", "gfcf+text"):
+    for v in ("gated", "gated-cont", "lightgcn+text", "gfcf+text"):
         if not results[v]:
             continue
         lines.append(f"| {v} vs {best_single} | " + " | ".join(

@@ -170,3 +170,15 @@ def test_cuda_under_torchrun_without_cuda_is_a_clear_error(tmp_path):
     # One line from the rank (exit 2, no traceback from our code); the launcher then reports the exit.
     assert "glrec_fast.train: device: 'cuda' with torchrun, but torch sees no CUDA device; use --device cpu" in proc.stderr
     assert "distributed.py" not in proc.stderr and "exitcode  : 2" in proc.stderr
+
+
+def test_sampled_training_is_deterministic_for_a_world_size(tmp_path):
+    """GraphSAGE on 2 ranks (each rank samples with its own seed) twice: the same metrics."""
+    need_dataset("ml-100k")
+    extra = ["--model", "graphsage", "--epochs", "1", "--grokking", "false"]
+    runs = []
+    for name in ("a", "b"):
+        proc = run_train(2, tmp_path / name, extra=extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert runs[0]["test"] == runs[1]["test"] and runs[0]["history"][0]["loss"] == runs[1]["history"][0]["loss"]
