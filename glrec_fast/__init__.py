@@ -11,6 +11,7 @@ from .data import Dataset, load_dataset
 from .grokking import GrokkingMonitor
 from .models.filters import GraphFilter
 from .models.hybrid import FusedHybridRec, ScoreFusion
+from .models.score_hybrid import ScoreHybrid
 
 
 def recommend(checkpoint_path, user_ids, k: int = 20, **kwargs):
@@ -24,7 +25,8 @@ def recommend(checkpoint_path, user_ids, k: int = 20, **kwargs):
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "Dataset", "load_dataset", "GrokkingMonitor", "FusedHybridRec", "ScoreFusion", "GraphFilter",
+__all__ = ["ops", "reference", "Dataset", "load_dataset", "GrokkingMonitor", "FusedHybridRec", "ScoreFusion", "ScoreHybrid",
+           "GraphFilter",
            "recommend",
            "BipartiteGraph", "ITEM_COLD", "ITEM_HEAD", "ITEM_TAIL", "USER_COLD",
            "USER_WARM", "__version__"]

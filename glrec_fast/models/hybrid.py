@@ -23,6 +23,13 @@ brought cold ndcg@20 from 0.146 back to 0.193. Ranking stays a dot product: ``em
 users as the concatenation of their three per-item-context vectors and items with their vector in
 the block of their own context (zeros elsewhere), so ``user_emb @ item_emb.T`` is exactly the score.
 
+``gate_features="continuous"`` adds, per row, a small network's offset to the gate logit, read from
+the row's continuous context instead of its bucket alone: log training degree (standardised), cold
+flag, the cosine of its graph and text vectors (no gradient) and whether it is a user. The network's
+last layer starts at zero, so training starts exactly at the bucket gate (at ``gate_init``, the tuned
+static weight) and ``gate_reg`` pulls it back there; the fused op then runs with one gate per row.
+For mixing at score level instead (the branches trained apart), see ``score_hybrid.ScoreHybrid``.
+
 ``prior`` is the grokking monitor's bounded offset (positive favours the graph branch).
 ``fusion="static"`` replaces the gate by one fixed weight ``static_weight`` (tuned on the
 validation split by the caller); ``fusion="graph"`` / ``"text"`` keep one branch.
