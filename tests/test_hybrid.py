@@ -347,6 +347,7 @@ def _score_hybrid(weight=0.5):
 
 def test_score_hybrid_trains_both_branches_and_tunes_on_valid():
     from glrec_fast.models.hybrid import tune_score_weight
+    from glrec_fast.models.score_hybrid import HYBRID_GRID
     g, m = _score_hybrid()
     users, pos, neg = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
     loss, parts = m.loss(users, pos, neg, 1e-4)
@@ -362,8 +363,13 @@ def test_score_hybrid_trains_both_branches_and_tunes_on_valid():
     # tune() sets the weight that tune_score_weight picks, and scorer() ranks with it.
     valid = torch.stack([torch.arange(g.num_users), torch.randint(0, g.num_items, (g.num_users,))], 1)
     a = m.tune(valid)
-    want, _ = tune_score_weight(*m.branch_scorers(), valid, g.num_users, g.num_items)
+    want, _ = tune_score_weight(*m.branch_scorers(), valid, g.num_users, g.num_items, grid=HYBRID_GRID)
     assert a == want and float(m.weight) == pytest.approx(a) and m.scorer().weight == pytest.approx(a)
+    # Valid items that only the graph branch ranks first: the hybrid still keeps some text (a < 1),
+    # so cold items are never left to ties.
+    gs, _ = m.branch_scorers()
+    best_graph = torch.stack([torch.arange(g.num_users), gs(torch.arange(g.num_users)).argmax(1)], 1)
+    assert m.tune(best_graph) <= 0.95
     with pytest.raises(ValueError, match="content-only"):
         type(m)(g, m.graph_model, FusedHybridRec(g, torch.randn(g.num_items, 6)))
 
