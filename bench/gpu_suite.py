@@ -218,29 +218,6 @@ def _pyg_provider(g):
     return run
 
 
-class _SymmetricSameDtype(torch.autograd.Function):
-    """The fair torch baseline in the input's dtype (bf16 with bf16): torch.sparse CSR products with
-    a cached matrix of that dtype, float32 layer sum, and the symmetric backward (the same products
-    on the gradient). In float32 it is reference.propagate_symmetric."""
-
-    @staticmethod
-    def forward(ctx, adj, x, num_layers):
-        ctx.adj, ctx.num_layers = adj, num_layers
-        return _sym_layers(adj, x, num_layers)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, _sym_layers(ctx.adj, grad.to(ctx.adj.dtype), ctx.num_layers), None
-
-
-def _sym_layers(adj, x, num_layers):
-    h, out = x, x.float().clone()
-    for _ in range(num_layers):
-        h = torch.sparse.mm(adj, h)
-        out.add_(h)
-    return out.div_(num_layers + 1).to(x.dtype)
-
-
 BASELINE = "torch.sparse symmetric"
 
 
@@ -253,7 +230,8 @@ def propagate_timings(device, graphs, dry):
         adj[torch.bfloat16] = adj[torch.float32].to(torch.bfloat16)
         providers = {
             "ours": lambda x: ops.propagate(g, x, NUM_LAYERS),
-            BASELINE: lambda x: _SymmetricSameDtype.apply(adj[x.dtype], x, NUM_LAYERS),
+            # the fair baseline in the input's dtype (bf16 with bf16), float32 layer sum, symmetric backward
+            BASELINE: lambda x: reference.propagate_symmetric(g, x, NUM_LAYERS, adj=adj[x.dtype]),
             "torch.sparse autograd": lambda x: reference.propagate(g, x, NUM_LAYERS),
         }
         try:

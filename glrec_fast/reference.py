@@ -16,7 +16,8 @@ def propagate_csr(rowptr: torch.Tensor, col: torch.Tensor, dinv: torch.Tensor, x
                   num_layers: int, adj: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of layers 0..K of ``x_{k+1} = D^-1/2 A D^-1/2 x_k`` over the joint CSR graph.
 
-    ``adj`` may pass a prebuilt normalised sparse matrix (as LightGCN's reference code caches it).
+    ``adj`` may pass a prebuilt normalised sparse matrix (as LightGCN's reference code caches it);
+    the products run in ``adj``'s dtype (a bfloat16 matrix gives the bf16-with-bf16 baseline on CUDA).
     Accumulation is float32 whatever the storage dtype of ``x``.
     """
     if adj is None:
@@ -25,8 +26,8 @@ def propagate_csr(rowptr: torch.Tensor, col: torch.Tensor, dinv: torch.Tensor, x
         vals = dinv[rows] * dinv[col]
         adj = torch.sparse_csr_tensor(rowptr, col, vals, (n, n))
     out_dtype = x.dtype
-    h = x.float()
-    out = h.clone()
+    h = x.to(adj.dtype)
+    out = x.float().clone()
     for _ in range(num_layers):   # the layer sum in place: no [K + 1, N, d] stack
         h = torch.sparse.mm(adj, h)
         out.add_(h)
@@ -51,11 +52,12 @@ class _SymmetricPropagate(torch.autograd.Function):
         return None, propagate_csr(None, None, None, grad, ctx.num_layers, adj=ctx.adj), None
 
 
-def propagate_symmetric(graph, x: torch.Tensor, num_layers: int) -> torch.Tensor:
+def propagate_symmetric(graph, x: torch.Tensor, num_layers: int, adj: torch.Tensor | None = None) -> torch.Tensor:
     """``propagate`` with the backward a PyTorch engineer writes for a symmetric ``A``: the same
     torch.sparse CSR products on the incoming gradient (autograd through ``torch.sparse.mm`` would
-    transpose the CSR on every backward). The fair baseline of the kernels' fwd+bwd benchmarks."""
-    return _SymmetricPropagate.apply(graph.norm_adj(), x, num_layers)
+    transpose the CSR on every backward). The fair baseline of the kernels' fwd+bwd benchmarks;
+    ``adj`` (default the graph's cached float32 matrix) may be a cached copy in another dtype."""
+    return _SymmetricPropagate.apply(graph.norm_adj() if adj is None else adj, x, num_layers)
 
 
 # --------------------------------------------------------------------------- gated fusion

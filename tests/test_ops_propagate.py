@@ -305,3 +305,21 @@ def test_symmetric_backward_baseline_equals_autograd():
     out.backward(go)
     torch.testing.assert_close(out, reference.propagate(g, x.detach(), 3))
     torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_symmetric_baseline_runs_its_products_in_the_matrix_dtype():
+    """adj= of another dtype (bf16 on CUDA in the GPU suite; float64 here, which the CPU supports):
+    the products run in that dtype, the layer sum in float32, the output in x's dtype, both ways."""
+    g = random_graph(*SIZES[97], seed=12)
+    adj64 = g.norm_adj().to(torch.float64)
+    x = (torch.randn(97, 16) * 1e3).requires_grad_(True)
+    go = torch.randn(97, 16)
+    out = reference.propagate_symmetric(g, x, 3, adj=adj64)
+    out.backward(go)
+    h, want = x.detach().double(), x.detach().double().clone()
+    for _ in range(3):
+        h = torch.sparse.mm(adj64, h)
+        want += h.float().double()
+    assert out.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(out, (want / 4).float(), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(x.grad, reference.propagate_csr(None, None, None, go, 3, adj=adj64))
