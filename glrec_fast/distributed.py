@@ -8,7 +8,9 @@ of a one-process run. What the training loop does with a :class:`Context`:
   collective timeout (``--dist_timeout`` minutes) so that a stuck peer ends the job instead of
   hanging it;
 - the model wrapped in ``DistributedDataParallel`` (gradients all-reduced, averaged); embedding
-  tables are replicated on every rank;
+  tables are replicated on every rank; tables read row by row (``Recommender.sparse_tables``) are
+  left out of DDP and synchronised as row-sparse gradients (:func:`sync_row_grads`: an all-gather
+  of the rows each rank touched, not an all-reduce of the whole table);
 - each step's global batch (``--batch_size`` triples, the same permutation on every rank) split
   into ``world_size`` disjoint contiguous shards, one per rank, so that N ranks compute the same
   averaged gradient as one process (up to the reduction's float order);
@@ -170,10 +172,20 @@ class _Step(torch.nn.Module):
 
 
 def step_function(model: torch.nn.Module, ctx: Context, device: torch.device):
-    """``fn(kind, *args) -> (loss, parts)``: the model's loss method, through DDP when distributed."""
+    """``(fn, sync_rows)``: ``fn(kind, *args) -> (loss, parts)`` runs the model's loss method, through
+    DDP when distributed; ``sync_rows()``, called between ``backward`` and the optimiser step, sums the
+    row-sparse gradients of ``model.sparse_tables()`` over ranks (DDP leaves those tables to it)."""
+    sparse = [t.weight for t in model.sparse_tables()] if getattr(model, "row_sparse", False) else []
     if not ctx.active:
-        return lambda kind, *args: getattr(model, kind)(*args)
+        return (lambda kind, *args: getattr(model, kind)(*args)), (lambda: None)
+    sync_rows = (lambda: sync_row_grads(sparse, ctx)) if sparse else (lambda: None)
     from torch.nn.parallel import DistributedDataParallel as DDP
+    step = _Step(model)
+    sparse_ids = {id(p) for p in sparse}
+    ignored = [n for n, p in step.named_parameters() if id(p) in sparse_ids]
+    if len(ignored) == len(list(step.parameters())):   # every parameter is a row-sparse table (MF)
+        return (lambda kind, *args: getattr(model, kind)(*args)), sync_rows
+    DDP._set_params_and_buffers_to_ignore_for_model(step, ignored)
     ids = [device.index] if device.type == "cuda" else None
     # static_graph: a run's loss uses the same parameters every step, so DDP learns once which ones
     # a model leaves out (a branch at aux_weight 0, say); buffers (the grokking prior) are equal on
@@ -181,5 +193,40 @@ def step_function(model: torch.nn.Module, ctx: Context, device: torch.device):
     import inspect
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                       else {"broadcast_buffers": False})   # torch >= 2.13 renamed the flag
-    ddp = DDP(_Step(model), device_ids=ids, static_graph=True, **no_buffer_sync)
-    return lambda kind, *args: ddp(kind, *args)
+    ddp = DDP(step, device_ids=ids, static_graph=True, **no_buffer_sync)
+    return (lambda kind, *args: ddp(kind, *args)), sync_rows
+
+
+def sync_row_grads(params: list[torch.Tensor], ctx: Context) -> None:
+    """Replace each parameter's row-sparse gradient by the mean over ranks (DDP's convention).
+
+    Each rank contributes the rows its shard touched: the (row ids, row gradients) of every rank
+    are all-gathered (padded to the longest), so the bytes moved grow with the rows a step reads,
+    not with the table. Every rank then holds the same coalesced gradient, summed in rank order.
+    Works on gloo and NCCL alike (plain dense collectives)."""
+    world = ctx.world_size
+    for p in params:
+        g = p.grad
+        if g is not None and not g.is_sparse:
+            raise RuntimeError(f"sync_row_grads: a row-sparse table of shape {tuple(p.shape)} got a dense gradient; "
+                               f"some training read used table.weight directly instead of Recommender.rows")
+        if g is None:
+            idx, vals = torch.zeros(0, dtype=torch.long, device=p.device), p.new_zeros((0,) + p.shape[1:])
+        else:
+            g = g.coalesce()
+            idx, vals = g.indices()[0], g.values()
+        n = torch.tensor([idx.numel()], device=p.device)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        torch.distributed.all_gather(sizes, n)
+        sizes = [int(x) for x in sizes]
+        m = max(sizes)
+        pad = m - idx.numel()
+        idx_p = torch.cat([idx, idx.new_zeros(pad)])
+        vals_p = torch.cat([vals, vals.new_zeros((pad,) + vals.shape[1:])])
+        all_idx = [torch.empty_like(idx_p) for _ in range(world)]
+        all_vals = [torch.empty_like(vals_p) for _ in range(world)]
+        torch.distributed.all_gather(all_idx, idx_p)
+        torch.distributed.all_gather(all_vals, vals_p)
+        idx = torch.cat([t[:k] for t, k in zip(all_idx, sizes)])
+        vals = torch.cat([t[:k] for t, k in zip(all_vals, sizes)]) / world
+        p.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), vals, p.shape).coalesce()

@@ -129,7 +129,7 @@ def mean_aggregate(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, coun
     return out / counts.clamp(min=1).unsqueeze(1).to(h.dtype)
 
 
-def lightgcn_sampled(ego: torch.Tensor, graph, blocks: Blocks) -> torch.Tensor:
+def lightgcn_sampled(h0: torch.Tensor, graph, blocks: Blocks) -> torch.Tensor:
     """LightGCN's layer mean at the seeds, estimated on sampled blocks with full-graph normalisation.
 
     A layer is ``e'_v = sum_{u in N(v)} e_u / sqrt(d_v d_u)`` with the degrees ``d`` of the *full*
@@ -140,19 +140,22 @@ def lightgcn_sampled(ego: torch.Tensor, graph, blocks: Blocks) -> torch.Tensor:
     nodes are independent, so every path that never revisits a node is estimated without bias
     (with three or more layers a path v -> u -> v -> ... reuses v's sample: a small correlation).
 
+    ``h0`` is ``[len(blocks.nodes), d]``: the layer-0 (ID table) rows of ``blocks.nodes``.
     Returns ``[sizes[0], d]``: the layer mean (layers 0..L) for the unique seeds, in local-id order.
     """
     L = blocks.num_hops
     nodes = blocks.nodes
-    deg = (graph.rowptr[nodes + 1] - graph.rowptr[nodes]).to(ego.dtype)
-    dinv = graph.dinv[nodes].to(ego.dtype)
-    h = ego[nodes]
+    if h0.size(0) != nodes.numel():
+        raise ValueError(f"h0: expected the {nodes.numel()} rows of blocks.nodes, got {h0.size(0)}")
+    deg = (graph.rowptr[nodes + 1] - graph.rowptr[nodes]).to(h0.dtype)
+    dinv = graph.dinv[nodes].to(h0.dtype)
+    h = h0
     n0 = blocks.sizes[0]
     total = h[:n0]
     for t in range(1, L + 1):
         hop = L - t
         rows, cols = blocks.edges_upto(hop)
-        counts = blocks.row_counts(hop).to(ego.dtype)
+        counts = blocks.row_counts(hop).to(h0.dtype)
         scale = deg[: counts.numel()] / counts.clamp(min=1)
         w = (dinv[rows] * dinv[cols] * scale[rows]).unsqueeze(1)
         h = h.new_zeros((blocks.sizes[hop], h.size(1))).index_add_(0, rows, h[cols] * w)

@@ -281,7 +281,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
         prepare_model(dict(cfg, init="normal"), model, graph)   # the weights come from the checkpoint
     graph_dev = graph.to(device) if device.type != "cpu" else graph
     opt = _optimizer(model, cfg)
-    step_fn = distributed.step_function(model, ctx, device)
+    step_fn, sync_rows = distributed.step_function(model, ctx, device)
     budget_s = float(cfg["time_budget"]) * 60.0 if cfg["time_budget"] else math.inf
     softmax = cfg["loss"] == "softmax"
 
@@ -365,6 +365,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
                 loss, parts = step_fn("loss", users, pos, neg, cfg["reg_weight"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            sync_rows()   # row-sparse table gradients: all-gathered across ranks (DDP syncs the rest)
             opt.step()
             loss, parts = ctx.average(loss, parts)   # every rank sees the same numbers
             loss_sum += loss.detach()
@@ -485,15 +486,20 @@ def _tensorboard(cfg, out):
 
 
 def _optimizer(model, cfg):
-    # Embedding tables get only the batch-row L2 of BPR (reg_weight); dense weights may take
-    # decoupled weight decay.
+    """optim.RowAdam over every parameter. Embedding tables get only the batch-row L2 of BPR
+    (reg_weight); dense weights may take decoupled weight decay. A model whose tables are read
+    row by row (``sparse_tables``) switches to row-sparse gradients here: each step then updates
+    only the rows it read."""
+    from .optim import RowAdam
+    if model.sparse_tables():
+        model.row_sparse = True
     emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     emb = [p for p in model.parameters() if id(p) in emb_ids]
     dense = [p for p in model.parameters() if id(p) not in emb_ids]
     groups = [{"params": emb, "weight_decay": 0.0}]
     if dense:
         groups.append({"params": dense, "weight_decay": cfg["weight_decay"]})
-    return torch.optim.AdamW(groups, lr=cfg["lr"])
+    return RowAdam(groups, lr=cfg["lr"])
 
 
 def _export(model, ds, cfg, epoch, valid_metrics):

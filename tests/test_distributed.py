@@ -172,6 +172,28 @@ def test_cuda_under_torchrun_without_cuda_is_a_clear_error(tmp_path):
     assert "distributed.py" not in proc.stderr and "exitcode  : 2" in proc.stderr
 
 
+def test_row_sparse_gradients_are_averaged_over_ranks():
+    proc = torchrun(2, [str(REPO / "tests" / "dist_rows_worker.py")], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 rows synced" in proc.stdout and "rank 1 rows synced" in proc.stdout
+
+
+def test_two_rank_mf_matches_one_process(tmp_path):
+    """MF's tables are row-sparse (left out of DDP, synced by all-gather): 2 ranks must train the
+    one-process model, up to the float order of the sums."""
+    need_dataset("ml-100k")
+    extra = ["--model", "mf", "--grokking", "false", "--lr", "0.01"]
+    proc = run_train(2, tmp_path / "two", extra=extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "glrec_fast.train", *RUN, *extra, "--out", str(tmp_path / "one")],
+                         cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    m1, m2 = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
+    for h1, h2 in zip(m1["history"], m2["history"]):
+        assert abs(h1["loss"] - h2["loss"]) < 1e-4, (h1, h2)
+    assert abs(m1["test"]["ndcg@20"] - m2["test"]["ndcg@20"]) < 1e-3, (m1["test"], m2["test"])
+
+
 def test_sampled_training_is_deterministic_for_a_world_size(tmp_path):
     """GraphSAGE on 2 ranks (each rank samples with its own seed) twice: the same metrics."""
     need_dataset("ml-100k")

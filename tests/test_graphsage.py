@@ -123,7 +123,7 @@ def test_sampled_lightgcn_is_unbiased(graph, replace):
     full = reference.propagate(graph, ego, 2)[seeds]
     n = 300
     draws = torch.stack([
-        (lambda b: sampling.lightgcn_sampled(ego, graph, b)[b.seed_local])(
+        (lambda b: sampling.lightgcn_sampled(ego[b.nodes], graph, b)[b.seed_local])(
             sampling.sample_blocks(graph.rowptr, graph.col, seeds, [2, 2], seed=s, replace=replace))
         for s in range(n)])
     mean, se = draws.mean(0), draws.std(0) / n ** 0.5

@@ -22,6 +22,7 @@ class Recommender(nn.Module):
     num_items: int
     trainable = True
     cosine = False   # rank by cosine similarity (set when training with the sampled softmax)
+    row_sparse = False   # row reads of sparse_tables() give row-sparse gradients (set by train.py with optim.RowAdam)
 
     def _apply(self, fn, *args, **kwargs):
         # A model that holds a BipartiteGraph (not a parameter or buffer) keeps it on the
@@ -35,6 +36,15 @@ class Recommender(nn.Module):
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def sparse_tables(self) -> list[nn.Embedding]:
+        """Tables that every training step reads only row by row (through :meth:`rows`), so that
+        their gradients can be row-sparse. Full-graph models read whole tables: none."""
+        return []
+
+    def rows(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """``table.weight[ids]``; its gradient is row-sparse when ``row_sparse`` is set."""
+        return torch.nn.functional.embedding(ids, table.weight, sparse=self.row_sparse)
 
     def ego_params(self, users, pos, neg) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -57,7 +57,7 @@ class GraphSAGE(SampledTraining, Recommender):
     # ------------------------------------------------------------------ training: sampled blocks
     def sampled_embeddings(self, blocks: Blocks) -> torch.Tensor:
         """Final embeddings of the unique seeds (local-id order) computed on ``blocks``."""
-        h = self.ego(blocks.nodes)
+        h = self.rows(self.ego, blocks.nodes)
         for t in range(self.num_layers):
             hop = self.num_layers - 1 - t  # layer t uses the edges of hops 0..hop
             rows, cols = blocks.edges_upto(hop)
@@ -69,9 +69,12 @@ class GraphSAGE(SampledTraining, Recommender):
         blocks = self.blocks_for(users, pos, negs)
         return _split3(self.sampled_embeddings(blocks)[blocks.seed_local], users.numel())
 
+    def sparse_tables(self):
+        return [self.ego]
+
     def ego_params(self, users, pos, neg):
-        w = self.ego.weight
-        return [w[users], w[self.num_users + pos], w[self.num_users + neg]]
+        return [self.rows(self.ego, users), self.rows(self.ego, self.num_users + pos),
+                self.rows(self.ego, self.num_users + neg)]
 
     # ------------------------------------------------------------------ evaluation: full graph
     def _mean_adj_rows(self, a: int, b: int) -> torch.Tensor:
@@ -107,7 +110,11 @@ class SampledLightGCN(SampledTraining, LightGCN):
 
     def batch_embeddings(self, users, pos, negs):
         blocks = self.blocks_for(users, pos, negs)
-        return _split3(lightgcn_sampled(self.ego.weight, self.graph, blocks)[blocks.seed_local], users.numel())
+        h0 = self.rows(self.ego, blocks.nodes)
+        return _split3(lightgcn_sampled(h0, self.graph, blocks)[blocks.seed_local], users.numel())
+
+    def sparse_tables(self):
+        return [self.ego]
     # embeddings() (evaluation) is LightGCN's: exact full-graph propagation through ops.propagate.
 
 

@@ -45,5 +45,5 @@ class LightGCN(Recommender):
         return out[: self.num_users], out[self.num_users:]
 
     def ego_params(self, users, pos, neg):
-        w = self.ego.weight
-        return [w[users], w[self.num_users + pos], w[self.num_users + neg]]
+        return [self.rows(self.ego, users), self.rows(self.ego, self.num_users + pos),
+                self.rows(self.ego, self.num_users + neg)]

@@ -19,14 +19,20 @@ class MF(Recommender):
     def embeddings(self):
         return self.user.weight, self.item.weight
 
-    def forward(self, users, pos, neg):
+    def sparse_tables(self):
+        return [self.user, self.item]
+
+    def batch_embeddings(self, users, pos, negs):
         # Gather only the batch rows (no need to materialise the full tables).
-        u, p, n = self.user(users), self.item(pos), self.item(neg)
+        return self.rows(self.user, users), self.rows(self.item, pos), self.rows(self.item, negs)
+
+    def forward(self, users, pos, neg):
+        u, p, n = self.batch_embeddings(users, pos, neg)
         reg = (u.pow(2).sum() + p.pow(2).sum() + n.pow(2).sum()) / (2 * users.numel())
         return (u * p).sum(-1), (u * n).sum(-1), reg
 
     def ego_params(self, users, pos, neg):
-        return [self.user.weight[users], self.item.weight[pos], self.item.weight[neg]]
+        return list(self.batch_embeddings(users, pos, neg))
 
     @torch.no_grad()
     def init_spectral(self, user, item, std):
