@@ -2,7 +2,12 @@
 
 Every ``grok_every`` steps it scores a fixed sample of validation users with each branch's
 embeddings (graph, text, fused for the hybrid; the model itself otherwise), computes NDCG@20 on the
-device (training items masked), and feeds the monitor. Nothing is read back to the host during
+device (training items masked), and feeds the monitor. A model trained on sampled neighbourhoods
+(GraphSAGE, sampled LightGCN) is never asked for full-graph embeddings here, which would cost a
+whole-graph inference every few steps and defeat the sampling: it scores its users against a fixed
+candidate set (their validation items and ``CANDIDATES`` random items) with vectors computed on a
+fresh sample (``SampledTraining.sample_embeddings``); the hybrid with a GraphSAGE branch watches
+its text branch only, and says so. Nothing is read back to the host during
 training: the metric, the losses and the weight norms stay 0-dim device tensors, and the
 monitor's fusion prior is copied into the hybrid's ``fusion_prior`` buffer on the device. Events,
 the history and the plot are read once, at the end.
@@ -19,6 +24,9 @@ from .grokking import GrokkingMonitor
 from .metrics import batch_mask, csr_of_pairs
 
 log = logging.getLogger("glrec_fast.train")
+
+
+CANDIDATES = 1000   # random items beside the sampled users' validation items (sampled models)
 
 
 class GrokkingCallback:
@@ -48,7 +56,25 @@ class GrokkingCallback:
         self.idcg = torch.cumsum(disc, 0).to(device)
         self.k = k
         self.model = model
-        self.branches = list(model.branch_embeddings().keys()) if hasattr(model, "branch_embeddings") else ["model"]
+        from .sampling import SampledTraining
+        self.cand = None
+        if isinstance(model, SampledTraining):
+            own = self.truth.any(0).nonzero().squeeze(1).cpu()
+            extra = torch.randperm(ds.num_items, generator=gen)[:CANDIDATES]
+            self.cand = torch.unique(torch.cat([own, extra])).to(device)
+            self.truth, self.seen = self.truth[:, self.cand], self.seen[:, self.cand]
+            log.info("grokking monitor: %s trains on sampled neighbourhoods, so it is watched on sampled vectors "
+                     "against %d candidate items (the users' validation items and %d random ones), never with "
+                     "full-graph inference", type(model).__name__, self.cand.numel(), CANDIDATES)
+        if hasattr(model, "branch_embeddings"):
+            self.branches = list(model.branch_embeddings().keys())
+            if getattr(model, "graph_branch", None) == "graphsage":
+                self.branches = ["text"]
+                log.info("grokking monitor: the hybrid's graph branch is GraphSAGE (sampled): only the text branch is "
+                         "watched (the graph and fused branches would need full-graph inference every %d steps)",
+                         self.every)
+        else:
+            self.branches = ["model"]
         # BPR losses start at log 2 and fall slowly on recommendation data (0.69 -> ~0.4 in a few
         # epochs on ml-100k), so "fit" is 75% of the first value rather than the default 50%.
         self.mon = GrokkingMonitor(branches=self.branches, min_jump=0.01, fit_ratio=0.75, respond=self.respond,
@@ -59,11 +85,12 @@ class GrokkingCallback:
 
     # ------------------------------------------------------------------ per step
     @torch.no_grad()
-    def _ndcg(self, u_emb, i_emb) -> torch.Tensor:
-        scores = (u_emb[self.users] @ i_emb.T).masked_fill(self.seen, -math.inf)
-        top = torch.topk(scores, self.k, dim=1).indices
+    def _ndcg(self, u, i_emb) -> torch.Tensor:
+        """NDCG@20 of the sample users' vectors ``u`` against ``i_emb`` (every item, or the candidates)."""
+        scores = (u @ i_emb.T).masked_fill(self.seen, -math.inf)
+        top = torch.topk(scores, min(self.k, scores.size(1)), dim=1).indices
         hits = self.truth.gather(1, top).float()
-        dcg = (hits * self.disc).sum(1)
+        dcg = (hits * self.disc[: hits.size(1)]).sum(1)
         idcg = self.idcg[(self.n_rel.clamp(max=self.k) - 1)]
         return (dcg / idcg).mean()
 
@@ -74,12 +101,15 @@ class GrokkingCallback:
         m = self.model
         was = m.training
         m.eval()
-        if hasattr(m, "branch_embeddings"):
-            embs = m.branch_embeddings()
+        if self.cand is not None:
+            rows = {"model": m.sample_embeddings(self.users, self.cand)}
+        elif self.branches == ["text"] and hasattr(m, "text_user"):
+            rows = {"text": (m.text_user()[self.users], m.text_item())}
         else:
-            embs = {"model": m.embeddings()}
+            embs = m.branch_embeddings() if hasattr(m, "branch_embeddings") else {"model": m.embeddings()}
+            rows = {b: (embs[b][0][self.users], embs[b][1]) for b in self.branches}
         m.train(was)
-        val = {b: self._ndcg(*embs[b]) for b in self.branches}
+        val = {b: self._ndcg(*rows[b]) for b in self.branches}
         losses = {"graph": parts.get("bpr_graph", parts.get("bpr")), "text": parts.get("bpr_text", parts.get("bpr")),
                   "fused": parts.get("bpr"), "model": parts.get("bpr", loss)}
         train_loss = {b: (losses.get(b) if losses.get(b) is not None else loss) for b in self.branches}
@@ -96,8 +126,7 @@ class GrokkingCallback:
         if self.respond and hasattr(m, "fusion_prior") and {"graph", "text"} <= set(self.branches):
             m.fusion_prior.copy_(self.mon.gate_logit_offset("graph", "text"))
         if hasattr(m, "gate_values") and "fused" in self.branches and m.fusion == "gated":
-            g_u, g_i = embs["graph"]
-            t_u, t_i = embs["text"]
+            g_i, t_i = embs["graph"][1], embs["text"][1]
             self.gate_means.append(m.gate_values(g_i, t_i, m.item_context).mean())
         else:
             self.gate_means.append(torch.full((), float("nan"), device=val[self.branches[0]].device))

@@ -251,6 +251,27 @@ class SampledTraining:
         reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, neg)) / (2 * users.numel())
         return (u * p).sum(-1), (u * n).sum(-1), reg
 
+    def block_embeddings(self, blocks: Blocks) -> torch.Tensor:
+        """Final embeddings of ``blocks``' seeds (local-id order); each sampled model defines it."""
+        raise NotImplementedError
+
+    def batch_embeddings(self, users, pos, negs):
+        """(users, positives, negatives) final vectors on the batch's sampled blocks."""
+        blocks = self.blocks_for(users, pos, negs)
+        h = self.block_embeddings(blocks)[blocks.seed_local]
+        n = users.numel()
+        return h[:n], h[n:2 * n], h[2 * n:]
+
+    def sample_embeddings(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user vectors, item vectors) of ``users`` and ``items`` on one fresh sampled neighbourhood:
+        no full-graph work and the training prefetch queue left alone (the grokking monitor's view)."""
+        if items.numel() == 0:
+            raise ValueError("items: expected at least one item id")
+        pos = items[torch.arange(users.numel(), device=items.device) % items.numel()]   # BPR blocks pair each user
+        blocks = self.sample(users, pos, items)
+        h = self.block_embeddings(blocks)[blocks.seed_local]
+        return h[: users.numel()], h[2 * users.numel():]
+
     def blocks_for(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Blocks:
         """The prefetched blocks of this batch, or a fresh sample when it was not prefetched."""
         return self._prefetcher.take(users, pos, neg)

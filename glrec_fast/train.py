@@ -216,6 +216,32 @@ def sample_negatives(users: torch.Tensor, num_items: int, train_keys: torch.Tens
 
 
 # ----------------------------------------------------------------------------- evaluation
+EVAL_TILE_BYTES = 1 << 30   # one evaluation score tile ([users, items] float32) stays under 1 GiB
+FULL_GRAPH_HINT_EDGES = 5_000_000   # above this, full-graph training gets a one-line hint to sample
+
+
+def eval_batch_users(cfg, num_items: int) -> int:
+    """Users per evaluation batch: ``eval_batch_size``, lowered so that a score tile fits EVAL_TILE_BYTES
+    (at a million items 1,024 users would be a 4 GiB tile; the metrics do not depend on the batch)."""
+    return max(1, min(int(cfg["eval_batch_size"]), EVAL_TILE_BYTES // (4 * max(1, num_items))))
+
+
+def _scale_hints(cfg, graph) -> None:
+    """One-line hints when a run's choices will not scale to its graph."""
+    n = graph.num_edges
+    full_graph = (cfg["model"] == "lightgcn" and not cfg["sampled"]) or (
+        cfg["model"] == "hybrid" and cfg["graph_branch"] == "lightgcn" and cfg["fusion"] != "score")
+    if full_graph and n > FULL_GRAPH_HINT_EDGES:
+        log.warning("hint: %s propagates the whole graph (%s interactions) on every step; on a graph this size "
+                    "sampled training is far cheaper per step: --model graphsage, --model lightgcn --sampled true, "
+                    "or --graph_branch graphsage for the hybrid", cfg["model"], f"{n:,}")
+    per = eval_batch_users(cfg, graph.num_items)
+    if per < int(cfg["eval_batch_size"]):
+        log.info("evaluation: %d users per batch instead of eval_batch_size=%d, so that one [users x %s items] "
+                 "score tile stays under %d MiB", per, cfg["eval_batch_size"], f"{graph.num_items:,}",
+                 EVAL_TILE_BYTES >> 20)
+
+
 def evaluate_split(model, ds, graph, split: str, cfg, device, ctx=distributed.Context()) -> dict:
     pairs = getattr(ds, split)
     if pairs.numel() == 0:
@@ -225,7 +251,7 @@ def evaluate_split(model, ds, graph, split: str, cfg, device, ctx=distributed.Co
     try:
         return metrics.evaluate(model.scorer(), pairs, ds.num_users, ds.num_items, exclude=exclude,
                                 ks=cfg["topk"], item_context=graph.item_context,
-                                batch_size=cfg["eval_batch_size"], device=device, shard=ctx.eval_shard(),
+                                batch_size=eval_batch_users(cfg, ds.num_items), device=device, shard=ctx.eval_shard(),
                                 reduce=ctx.sum_ if ctx.eval_shard() else None)
     finally:
         model.train()
@@ -264,6 +290,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
     log.info("data: %s", ds.summary() if hasattr(ds, "summary") else ds)
     graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
     log.info("graph: %s (load %.1fs)", graph, time.time() - t0)
+    _scale_hints(cfg, graph)
     t_start = time.time()   # --time_budget counts from here: initialisation, training and validation
     model = build_model(cfg, ds, graph, device).to(device)
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
@@ -395,7 +422,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
             t_ev = time.time()
             if has_valid:
                 if hasattr(model, "tune"):   # a score-level hybrid picks its mix weight on valid
-                    model.tune(ds.valid, exclude=[ds.train], batch_size=cfg["eval_batch_size"])
+                    model.tune(ds.valid, exclude=[ds.train], batch_size=eval_batch_users(cfg, ds.num_items))
                 vm = evaluate_split(model, ds, graph, "valid", cfg, device, ctx)
                 row.update({f"valid/{k}": v for k, v in vm.items() if k in ("recall@20", "ndcg@20")})
                 score = vm.get("ndcg@20", -math.inf)

@@ -193,9 +193,45 @@ def test_monitor_ndcg_equals_the_full_evaluation_on_its_sample():
         mask = torch.isin(ds.valid[:, 0], cb.users)
         want = evaluate(lambda us: u[us] @ i.T, ds.valid[mask], ds.num_users, ds.num_items,
                         exclude=[ds.train], ks=[20])["ndcg@20"]
-        got = float(cb._ndcg(u, i))
+        got = float(cb._ndcg(u[cb.users], i))
     assert cb.users.numel() == 100
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_grokking_monitor_on_a_sampled_model_does_no_full_graph_work(monkeypatch):
+    """GraphSAGE is watched on sampled vectors against a fixed candidate set (every validation item of
+    the sample users plus random items): the NDCG is metrics.evaluate's with the other items ruled
+    out, and no step of the monitor asks for full-graph embeddings."""
+    need_dataset("ml-100k")
+    from glrec_fast import config
+    from glrec_fast.data import load_dataset
+    from glrec_fast.graph import BipartiteGraph
+    from glrec_fast.metrics import evaluate
+    from glrec_fast.models.graphsage import GraphSAGE
+    from glrec_fast.monitoring import CANDIDATES, GrokkingCallback
+    ds = load_dataset("ml-100k", split="random", seed=0)
+    graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    torch.manual_seed(0)
+    model = GraphSAGE(graph, 16, fanouts=[5, 5])
+    cfg = config.resolve([], overrides={"grok_sample_users": 100, "grok_every": 1})
+    cb = GrokkingCallback(cfg)
+    cb.on_start(model=model, ds=ds, graph=graph, cfg=cfg, device=torch.device("cpu"))
+    mask = torch.isin(ds.valid[:, 0], cb.users)
+    assert torch.isin(ds.valid[mask, 1], cb.cand).all() and cb.cand.numel() <= mask.sum() + CANDIDATES
+    calls = []
+    monkeypatch.setattr(GraphSAGE, "embeddings", lambda self: calls.append(1))
+    cb.on_step(step=1, loss=torch.tensor(0.5), parts={})
+    assert calls == [] and cb.mon.history["step"] == [1]
+    with torch.no_grad():
+        u, i = model.sample_embeddings(cb.users, cb.cand)   # the same fresh sample (seeded by its ids)
+        pos = {int(x): j for j, x in enumerate(cb.users)}
+
+        def scores(us):
+            out = torch.full((us.numel(), ds.num_items), -float("inf"))
+            out[:, cb.cand] = u[[pos[int(x)] for x in us]] @ i.T
+            return out
+        want = evaluate(scores, ds.valid[mask], ds.num_users, ds.num_items, exclude=[ds.train], ks=[20])["ndcg@20"]
+    assert cb.mon.history["val_metric"]["model"][0] == pytest.approx(want, rel=1e-5)
 
 
 class _RunsCode:
@@ -220,3 +256,23 @@ def test_checkpoint_with_pickled_callable_is_refused(tmp_path, lightgcn_run):
     # Our own checkpoints (best.pt and last.pt, with the RNG states) load under the same rule.
     assert checkpoint.load(lightgcn_run / "best.pt")["kind"] == "glrec_fast.export"
     assert "rng" in checkpoint.load(lightgcn_run / "last.pt")
+
+
+def test_scale_hints_and_the_evaluation_tile_budget(caplog, monkeypatch):
+    import glrec_fast.train as tr
+    from glrec_fast import config
+    from glrec_fast.graph import BipartiteGraph
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.stack([torch.randint(0, 50, (400,), generator=g), torch.randint(0, 40, (400,), generator=g)], 1)
+    graph = BipartiteGraph.from_interactions(pairs, 50, 40)
+    cfg = config.resolve([], overrides={"model": "lightgcn"})
+    monkeypatch.setattr(tr, "FULL_GRAPH_HINT_EDGES", graph.num_edges - 1)
+    with caplog.at_level("INFO", logger="glrec_fast.train"):
+        tr._scale_hints(cfg, graph)
+        tr._scale_hints(dict(cfg, sampled=True), graph)
+        tr._scale_hints(dict(cfg, model="graphsage"), graph)
+    hints = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hint:")]
+    assert len(hints) == 1 and "--sampled true" in hints[0]
+    # 1,024 users x 1M items would be a 4 GiB tile: the batch shrinks to fit 1 GiB; small graphs keep it.
+    assert tr.eval_batch_users({"eval_batch_size": 1024}, 1_000_000) == (1 << 30) // 4_000_000
+    assert tr.eval_batch_users({"eval_batch_size": 1024}, 40_981) == 1024

@@ -30,11 +30,6 @@ from .lightgcn import LightGCN
 log = logging.getLogger(__name__)
 
 
-def _split3(x: torch.Tensor, n: int):
-    """(users, positives, negatives) of ``[users | pos | negs]`` rows, ``n`` users."""
-    return x[:n], x[n:2 * n], x[2 * n:]
-
-
 
 class GraphSAGE(SampledTraining, Recommender):
     def __init__(self, graph, dim: int = 64, fanouts=(10, 10), init_std: float = 0.1, replace: bool = False,
@@ -55,7 +50,7 @@ class GraphSAGE(SampledTraining, Recommender):
         return torch.tanh(out) if t < self.num_layers - 1 else out
 
     # ------------------------------------------------------------------ training: sampled blocks
-    def sampled_embeddings(self, blocks: Blocks) -> torch.Tensor:
+    def block_embeddings(self, blocks: Blocks) -> torch.Tensor:
         """Final embeddings of the unique seeds (local-id order) computed on ``blocks``."""
         h = self.rows(self.ego, blocks.nodes)
         for t in range(self.num_layers):
@@ -64,10 +59,6 @@ class GraphSAGE(SampledTraining, Recommender):
             mean = mean_aggregate(h, rows, cols, blocks.row_counts(hop))
             h = self._layer(t, h[: blocks.sizes[hop]], mean)
         return h
-
-    def batch_embeddings(self, users, pos, negs):
-        blocks = self.blocks_for(users, pos, negs)
-        return _split3(self.sampled_embeddings(blocks)[blocks.seed_local], users.numel())
 
     def sparse_tables(self):
         return [self.ego]
@@ -108,10 +99,8 @@ class SampledLightGCN(SampledTraining, LightGCN):
         super().__init__(graph, dim, len(list(fanouts)), init_std)
         self._init_sampling(fanouts, replace, sample_seed)
 
-    def batch_embeddings(self, users, pos, negs):
-        blocks = self.blocks_for(users, pos, negs)
-        h0 = self.rows(self.ego, blocks.nodes)
-        return _split3(lightgcn_sampled(h0, self.graph, blocks)[blocks.seed_local], users.numel())
+    def block_embeddings(self, blocks: Blocks) -> torch.Tensor:
+        return lightgcn_sampled(self.rows(self.ego, blocks.nodes), self.graph, blocks)
 
     def sparse_tables(self):
         return [self.ego]

@@ -283,7 +283,7 @@ class FusedHybridRec(Recommender):
         if self.graph_branch == "graphsage":
             B = users.numel()
             blocks = self.sage.blocks_for(users, items[:B], items[B:])
-            h = self.sage.sampled_embeddings(blocks)[blocks.seed_local]
+            h = self.sage.block_embeddings(blocks)[blocks.seed_local]
             gu_b, gi_b = h[:B], h[B:]
             return (gu_b.masked_fill((self.user_context[users] == USER_COLD).unsqueeze(1), 0.0),
                     gi_b.masked_fill((self.item_context[items] == ITEM_COLD).unsqueeze(1), 0.0))
