@@ -3,6 +3,7 @@
     python bench/distributed_scaling.py                          # Gowalla: LightGCN (full graph) and GraphSAGE (sampled)
     python bench/distributed_scaling.py --models graphsage --nprocs 1 2 --epochs 2 --repeats 2
     torchrun --standalone --nproc_per_node=2 bench/distributed_scaling.py --probe   # per-step costs every rank repeats
+    python bench/distributed_scaling.py --ceiling --models graphsage --json bench/results/distributed_ceiling.json
 
 Every run is ``torchrun --standalone --nproc_per_node=N -m glrec_fast.train`` (gloo, ``--device cpu
 --num_threads 1``; one process is launched the same way, so it pays the same DDP machinery) with the
@@ -35,30 +36,63 @@ MODELS = {
 }
 
 
-def run(model: str, nproc: int, epochs: int, dataset: str) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "glrec_fast.train", "--dataset", dataset, *MODELS[model], "--epochs", str(epochs),
-               "--eval_every", str(epochs), "--grokking", "false", "--patience", "0", "--device", "cpu",
-               "--num_threads", "1", "--out", out]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        t, ru = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-        wall = time.time() - t
-        ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
-        if proc.returncode:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-        with open(os.path.join(out, "metrics.json")) as f:
-            m = json.load(f)
+def _cmd(model: str, nproc: int, epochs: int, dataset: str, out: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "glrec_fast.train", "--dataset", dataset, *MODELS[model], "--epochs", str(epochs),
+            "--eval_every", str(epochs), "--grokking", "false", "--patience", "0", "--device", "cpu",
+            "--num_threads", "1", "--out", out]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _parse(model: str, nproc: int, epochs: int, out: str) -> dict:
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
     times = [h["epoch_time_s"] for h in m["history"]]
     steady = times[1:] if len(times) > 1 else times
     found = re.search(r"train ([\d,]+)", m["dataset"])
     n_train = int(found.group(1).replace(",", "")) if found else None
     return {"model": model, "nproc": nproc, "epochs": epochs, "epoch_times_s": times,
             "triples_per_s": n_train / statistics.median(steady) if n_train else None, "n_train": n_train,
-            "test": {k: m["test"][k] for k in ("recall@20", "ndcg@20")}, "wall_s": wall,
-            "cores_busy": cpu / wall}
+            "test": {k: m["test"][k] for k in ("recall@20", "ndcg@20")}}
+
+
+def run(model: str, nproc: int, epochs: int, dataset: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = _cmd(model, nproc, epochs, dataset, out)
+        t, ru = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=REPO)
+        wall = time.time() - t
+        ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+        return dict(_parse(model, nproc, epochs, out), wall_s=wall, cores_busy=cpu / wall)
+
+
+def ceiling(model: str, epochs: int, dataset: str, copies: int = 2) -> dict:
+    """The most any data-parallel code could get here: ``copies`` independent one-process runs at
+    once (no process group, no communication, nothing shared), each one thread. Their summed
+    triples/s over one run alone bounds the speed-up of ``copies`` ranks on this machine."""
+    alone = run(model, 1, epochs, dataset)
+    with tempfile.TemporaryDirectory() as root:
+        outs = [os.path.join(root, str(j)) for j in range(copies)]
+        logs = [open(o + ".log", "w") for o in outs]
+        procs = [subprocess.Popen(_cmd(model, 1, epochs, dataset, o), env=_env(), cwd=REPO,
+                                  stdout=log, stderr=subprocess.STDOUT) for o, log in zip(outs, logs)]
+        for p, o, log in zip(procs, outs, logs):
+            code = p.wait()
+            log.close()
+            if code:
+                with open(o + ".log") as f:
+                    raise SystemExit(f"a concurrent run failed:\n{f.read()[-4000:]}")
+        each = [_parse(model, 1, epochs, o)["triples_per_s"] for o in outs]
+    out = {"model": model, "copies": copies, "alone_triples_per_s": alone["triples_per_s"],
+           "concurrent_triples_per_s": each, "ceiling_speedup": sum(each) / alone["triples_per_s"]}
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def probe(rows: int, dim: int) -> dict:
@@ -106,11 +140,19 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats; throughput is their median")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "distributed_scaling.json"))
+    ap.add_argument("--ceiling", action="store_true", help="run 2 independent one-process trainings at once "
+                    "and report their summed throughput over one alone: the machine's bound on a 2-rank speed-up")
     ap.add_argument("--probe", action="store_true", help="time the per-step costs that every rank repeats "
                     "(Gowalla-sized table); run under torchrun for the all-reduce too")
     args = ap.parse_args(argv)
     if args.probe:
         probe(29_858 + 40_981, 64)
+        return 0
+    if args.ceiling:
+        res = [ceiling(m, args.epochs, args.dataset) for m in args.models]
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "ceiling": res, "commit": _commit()}, f, indent=1)
         return 0
     rows = []
     for model in args.models:
