@@ -11,7 +11,7 @@ Per seed, on the same split:
   gated          the embedding-level gated hybrid (FusedHybridRec, the library's defaults)
   gated-cont     the same with the continuous-context gate (--gate_features continuous)
   lightgcn+text  ScoreFusion of lightgcn (cold items scored 0, as ScoreHybrid does) and content,
-                 weight a in {0, 0.05, ..., 1} chosen on valid
+                 weight a in {0, 0.05, ..., 0.95} chosen on valid (ScoreHybrid's grid)
   gfcf+text      ScoreFusion of gfcf and content, weight chosen on valid
 Test is read once per variant with training and validation pairs masked; per-context keys rank each
 context's items among themselves (cold items: the split's test-cold items among all cold items).
@@ -35,7 +35,7 @@ from glrec_fast.graph import BipartiteGraph
 from glrec_fast.models import filters
 from glrec_fast.graph import ITEM_COLD
 from glrec_fast.models.hybrid import ScoreFusion, tune_score_weight
-from glrec_fast.models.score_hybrid import cold_zero_scorer
+from glrec_fast.models.score_hybrid import HYBRID_GRID, cold_zero_scorer
 
 KEYS = ["recall@20", "ndcg@20", "ndcg@20/cold", "ndcg@20/warm", "ndcg@20/head", "ndcg@20/tail"]
 VARIANTS = ["lightgcn", "gfcf", "content", "gated", "gated-cont", "lightgcn+text", "gfcf+text"]
@@ -107,7 +107,8 @@ def main(argv=None):
         pick = {"gfcf": {k: best[k] for k in ("rank", "ideal_weight", "sharpen_time")}}
         lgcn_cold0 = cold_zero_scorer(lgcn.user_emb, lgcn.item_emb, g.item_context == ITEM_COLD)
         for name, graph_scorer in (("lightgcn+text", lgcn_cold0), ("gfcf+text", gf)):
-            w, _ = tune_score_weight(graph_scorer, content, ds.valid, ds.num_users, ds.num_items, exclude=[ds.train])
+            w, _ = tune_score_weight(graph_scorer, content, ds.valid, ds.num_users, ds.num_items, exclude=[ds.train],
+                                     grid=HYBRID_GRID)   # the library's grid (ScoreHybrid.tune): 1.0 would tie every cold item
             mix = ScoreFusion(graph_scorer, content, w)
             got[name] = (evaluate(mix, ds, g, "valid"), evaluate(mix, ds, g, "test"), mix)
             pick[name] = w

@@ -132,7 +132,7 @@ def test_bad_arguments():
 # A small hybrid job through the CLI: synthetic data, the real MiniLM encoder, 3 epochs, one thread.
 SMALL_HYBRID = ["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
                 "--synthetic_interactions", "6000", "--encoder", "minilm", "--epochs", "3",
-                "--batch_size", "512", "--lr", "0.01", "--num_threads", "1"]
+                "--batch_size", "512", "--lr", "0.01", "--num_threads", "1", "--fusion", "gated"]
 
 
 @minilm
@@ -148,6 +148,21 @@ def test_cli_hybrid_with_real_minilm_and_monitor(tmp_path):
     assert (out / "training_curves.png").stat().st_size > 10_000
     # Better than random ranking (about 20/150 recall@20 for a user with items spread uniformly).
     assert m["test"]["recall@20"] > 0.2
+
+
+@minilm
+def test_cli_default_hybrid_is_the_score_mix(tmp_path):
+    """Without --fusion the hybrid is the score-level mix (what won on validation): both branches
+    trained, the graph weight chosen on valid from ScoreHybrid's grid and reported."""
+    from glrec_fast.models.score_hybrid import HYBRID_GRID
+    out = tmp_path / "default"
+    args = [a for a in SMALL_HYBRID if a not in ("--fusion", "gated")]
+    rc = train.main(args + ["--grokking", "false", "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    w = m["gates"]["score/graph_weight"]
+    assert m["model"] == "hybrid" and min(abs(w - a) for a in HYBRID_GRID) < 1e-6
+    assert m["test"]["recall@20"] > 0.15   # random ranking: about 20/150 = 0.133 (3 epochs of a toy)
 
 
 @pytest.mark.parametrize("cold_gate", ["fixed", "scalar"])
