@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from glrec_fast import checkpoint, config, metrics, train
+from glrec_fast import config, metrics, train
 from glrec_fast.data import load_dataset
 from glrec_fast.graph import BipartiteGraph
 from glrec_fast.models import filters
@@ -46,7 +46,7 @@ def trained(overrides: dict):
     with tempfile.TemporaryDirectory() as out:
         cfg = config.resolve([], overrides={**overrides, "out": out})
         res = train.train(cfg)
-        scorer = train.scorer_from_export(checkpoint.load(os.path.join(out, "best.pt")))
+        scorer = train.scorer_from_export(train.load_export(os.path.join(out, "best.pt")))
     return res, scorer
 
 

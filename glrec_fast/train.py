@@ -6,13 +6,15 @@
     torchrun --nproc_per_node=2 -m glrec_fast.train --dataset ml-100k --model lightgcn --device cpu --out runs/ml2
 
 Writes to ``--out``: ``metrics.json`` (``{"valid": {...}, "test": {...}}``), ``config.yaml`` (the
-resolved configuration), ``train.log``, ``best.pt`` (final embeddings + id maps, for
-``glrec_fast.recommend``) and ``last.pt`` (everything ``--resume`` needs). Checkpoints are written
+resolved configuration), ``train.log``, ``best.pt`` (the best model's final embeddings, for
+``glrec_fast.recommend``), ``data.pt`` (the training pairs and id maps best.pt ranks with, written
+once per run; keep it beside best.pt) and ``last.pt`` (everything ``--resume`` needs). Checkpoints are written
 atomically. A NaN or infinite loss stops the run with a clear message and keeps the last good
 checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -131,7 +133,7 @@ def check_config(cfg: dict) -> None:
     from .models.score_hybrid import FILTER_BRANCHES
     from .text.encoders import ENCODER_NAMES
 
-    choices = {"model": MODELS, "split": (None, *SPLITS), "loss": ("bpr", "softmax"),
+    choices = {"model": MODELS, "split": (None, *SPLITS), "loss": ("bpr", "softmax"), "lr_schedule": ("constant", "cosine"),
                "init": ("normal", "spectral"), "sharpen_solver": SOLVERS, "encoder": ENCODER_NAMES,
                "graph_branch": (*GRAPH_BRANCHES, *FILTER_BRANCHES), "fusion": (*FUSIONS, "score"), "cold_gate": COLD_GATES, "user_gate": USER_GATES,
                "gate_features": GATE_FEATURES,
@@ -190,6 +192,17 @@ def prepare_model(cfg, model, graph) -> None:
         model.init_spectral(user, item, cfg["init_std"])
         log.info("spectral initialisation: top-%d singular factors of the normalised graph (%.1fs)",
                  cfg["emb_dim"], time.time() - t)
+
+
+def cosine_lr_at(lr: float, step: int, total_steps: int) -> float:
+    """``--lr_schedule cosine``: the learning rate of step ``step`` (0-based) of ``total_steps``,
+    from ``lr`` at the first step down a half cosine to 0 after the last."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+def set_lr(opt, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -311,6 +324,8 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
     step_fn, sync_rows = distributed.step_function(model, ctx, device)
     budget_s = float(cfg["time_budget"]) * 60.0 if cfg["time_budget"] else math.inf
     softmax = cfg["loss"] == "softmax"
+    cosine_lr = cfg["lr_schedule"] == "cosine"
+    total_steps = cfg["epochs"] * max(1, math.ceil(ds.train.size(0) / cfg["batch_size"]))
 
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad_evals": 0, "history": [],
              "world_size": ctx.world_size}
@@ -335,6 +350,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
             best_export = checkpoint.load(best_path)
         log.info("resumed from %s at epoch %d", last_path, state["epoch"])
 
+    data_ref = _write_data(ds, out, write=main_rank)   # once per run; best.pt refers to it
     train_pairs = ds.train.to(torch.long)
     train_keys = torch.sort(train_pairs[:, 0] * ds.num_items + train_pairs[:, 1]).values
     gen = torch.Generator()
@@ -390,6 +406,8 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
                 loss, parts = step_fn("softmax_loss", users, pos, neg, cfg["temperature"], cfg["reg_weight"])
             else:
                 loss, parts = step_fn("loss", users, pos, neg, cfg["reg_weight"])
+            if cosine_lr:
+                set_lr(opt, cosine_lr_at(cfg["lr"], state["step"], total_steps))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             sync_rows()   # row-sparse table gradients: all-gathered across ranks (DDP syncs the rest)
@@ -428,13 +446,13 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
                 score = vm.get("ndcg@20", -math.inf)
                 if score > state["best"]:
                     state.update(best=score, best_epoch=epoch + 1, bad_evals=0)
-                    best_export = _export(model, ds, cfg, epoch + 1, vm)
+                    best_export = _export(model, ds, cfg, epoch + 1, vm, data_ref)
                     save(best_export, best_path)
                 else:
                     state["bad_evals"] += 1
                     stop = stop or (cfg["patience"] > 0 and state["bad_evals"] >= cfg["patience"])
             else:
-                best_export = _export(model, ds, cfg, epoch + 1, {})
+                best_export = _export(model, ds, cfg, epoch + 1, {}, data_ref)
                 save(best_export, best_path)
             row["eval_time_s"] = time.time() - t_ev
             if cfg["trace_test"]:
@@ -469,7 +487,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
         tb.close()
     # Final report with the best model (by valid ndcg@20) or the last one when there is no valid split.
     if best_export is None:
-        best_export = _export(model, ds, cfg, state["epoch"], {})
+        best_export = _export(model, ds, cfg, state["epoch"], {}, data_ref)
         save(best_export, best_path)
     model.load_state_dict(best_export["model"])
     # The best model's valid metrics were computed when it was exported (same weights, same
@@ -529,15 +547,52 @@ def _optimizer(model, cfg):
     return RowAdam(groups, lr=cfg["lr"])
 
 
-def _export(model, ds, cfg, epoch, valid_metrics):
-    """best.pt: what ranking needs (embeddings, or a graph filter's factors), the training pairs for
-    masking, and the original ids as plain lists (loadable with ``weights_only=True``)."""
+DATA_FILE = "data.pt"   # a run's training pairs and id maps, written once beside its best.pt
+
+
+def _write_data(ds, out: str, write: bool = True) -> dict:
+    """Write ``out/data.pt`` (the training pairs for masking and the original ids as plain lists)
+    once per run and return the reference best.pt keeps to it: every improvement then rewrites only
+    the model, not the whole training set (800 MB at 50M interactions)."""
+    pairs = ds.train.contiguous()
+    digest = hashlib.sha256(memoryview(pairs.numpy()).cast("B")).hexdigest()
+    if write:
+        checkpoint.save({"kind": "glrec_fast.data", "version": 1, "sha256": digest, "train": pairs,
+                         "user_ids": ds.user_ids.tolist(), "item_ids": ds.item_ids.tolist()},
+                        os.path.join(out, DATA_FILE))
+    return {"file": DATA_FILE, "sha256": digest, "num_pairs": int(pairs.size(0))}
+
+
+def _export(model, ds, cfg, epoch, valid_metrics, data_ref: dict):
+    """best.pt: what ranking needs (embeddings, or a graph filter's factors) and a reference to the
+    run's data.pt (``_write_data``); loadable with ``weights_only=True``, read by ``load_export``."""
     ex = model.export()
-    return {"kind": "glrec_fast.export", "version": 2, "epoch": epoch, "valid": valid_metrics,
+    return {"kind": "glrec_fast.export", "version": 3, "epoch": epoch, "valid": valid_metrics,
             "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if model.trainable else {},
-            **ex, "num_users": ds.num_users, "num_items": ds.num_items,
-            "train": ds.train.clone(), "user_ids": ds.user_ids.tolist(), "item_ids": ds.item_ids.tolist(),
-            "config": dict(cfg)}
+            **ex, "num_users": ds.num_users, "num_items": ds.num_items, "data": data_ref, "config": dict(cfg)}
+
+
+def load_export(path) -> dict:
+    """A best.pt export with its run's training pairs and ids (``train``, ``user_ids``, ``item_ids``)
+    filled in from the data.pt beside it (exports of version 2 carry them inline)."""
+    path = os.fspath(path)
+    ck = checkpoint.load(path)
+    if not isinstance(ck, dict) or ck.get("kind") != "glrec_fast.export":
+        raise ValueError(f"checkpoint {path!r}: not a glrec_fast best.pt export "
+                         f"(use the best.pt that `python -m glrec_fast.train --out DIR` writes)")
+    ref = ck.get("data")
+    if ref is None:
+        return ck
+    data_path = os.path.join(os.path.dirname(os.path.abspath(path)), ref["file"])
+    if not os.path.isfile(data_path):
+        raise FileNotFoundError(f"checkpoint {path!r}: its training data {data_path!r} is missing; a best.pt "
+                                f"needs the {ref['file']} its run wrote beside it (copy both files together)")
+    data = checkpoint.load(data_path)
+    if not isinstance(data, dict) or data.get("sha256") != ref["sha256"]:
+        raise ValueError(f"{data_path!r} holds other training data than the run that wrote {path!r} "
+                         f"({ref['num_pairs']} pairs, sha256 {ref['sha256'][:12]}...); copy the {ref['file']} "
+                         f"of the same run")
+    return {**ck, "train": data["train"], "user_ids": data["user_ids"], "item_ids": data["item_ids"]}
 
 
 def _fit_filter(cfg, model, ds, graph, device, out, t0) -> dict:
@@ -548,7 +603,7 @@ def _fit_filter(cfg, model, ds, graph, device, out, t0) -> dict:
     log.info("fitted %s %s in %.1fs", cfg["model"], model.hparams, fit_s)
     t_ev = time.time()
     valid = evaluate_split(model, ds, graph, "valid", cfg, device)
-    best = _export(model, ds, cfg, 0, valid)
+    best = _export(model, ds, cfg, 0, valid, _write_data(ds, out))
     checkpoint.save(best, os.path.join(out, "best.pt"))
     results = {"valid": valid, "test": evaluate_split(model, ds, graph, "test", cfg, device)}
     extra = {"best_epoch": 0, "epochs_run": 0, "history": [], "model": cfg["model"], "filter": model.hparams,
@@ -580,10 +635,7 @@ def recommend(checkpoint_path, user_ids, k: int = 20, exclude_seen: bool = True,
     Users are scored ``batch_size`` at a time (memory bounded by one [batch, items] tile) and each
     user's training items are masked through a CSR of the training pairs.
     """
-    ck = checkpoint.load(checkpoint_path)
-    if not isinstance(ck, dict) or ck.get("kind") != "glrec_fast.export":
-        raise ValueError(f"checkpoint {os.fspath(checkpoint_path)!r}: not a glrec_fast best.pt export "
-                         f"(use the best.pt that `python -m glrec_fast.train --out DIR` writes)")
+    ck = load_export(checkpoint_path)
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise ValueError(f"k: expected a positive int, got {k!r}")
     index = {uid: j for j, uid in enumerate(ck["user_ids"])}

@@ -15,8 +15,7 @@ import torch
 
 from conftest import need_dataset
 from glrec_fast import distributed, metrics
-from glrec_fast.checkpoint import load
-from glrec_fast.train import recommend
+from glrec_fast.train import load_export, recommend
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUN = ["--dataset", "ml-100k", "--split", "random", "--model", "lightgcn", "--epochs", "2", "--device", "cpu",
@@ -99,7 +98,7 @@ def test_one_process_run_is_not_distributed(monkeypatch):
 # ----------------------------------------------------------------------------- torchrun, 2 ranks
 def test_two_ranks_write_rank0_files_only(two_rank_run):
     out, proc = two_rank_run
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.json",
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "data.pt", "last.pt", "metrics.json",
                                                      "train.log", "training_curves.png"]
     log = (out / "train.log").read_text()
     assert "distributed: 2 ranks, backend gloo" in log
@@ -111,7 +110,7 @@ def test_two_rank_evaluation_equals_one_process_on_the_checkpoint(two_rank_run, 
     """metrics.json's test numbers (ranked by 2 ranks) equal a one-process evaluation of best.pt."""
     out, _ = two_rank_run
     ds, graph = ml100k
-    ck = load(out / "best.pt")
+    ck = load_export(out / "best.pt")
     reported = json.loads((out / "metrics.json").read_text())["test"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # the ranks ran one thread each: the same matrix products

@@ -394,7 +394,6 @@ def test_cli_score_hybrid_with_filter_branch_on_the_cold_split(tmp_path):
     """--fusion score --graph_branch gfcf end to end: the weight chosen on valid is reported, best.pt
     serves recommend(), and cold items are ranked by the text branch alone."""
     from glrec_fast import metrics
-    from glrec_fast.checkpoint import load
     from glrec_fast.data import load_dataset
     from glrec_fast.graph import BipartiteGraph
     from glrec_fast.metrics import EmbeddingScorer
@@ -405,7 +404,7 @@ def test_cli_score_hybrid_with_filter_branch_on_the_cold_split(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     a = m["gates"]["score/graph_weight"]
     assert 0.0 <= a <= 1.0 and m["test"]["n_users/cold"] > 0
-    ck = load(out / "best.pt")
+    ck = train.load_export(out / "best.pt")
     scorer = train.scorer_from_export(ck)
     assert scorer.weight == pytest.approx(a)
     ds = load_dataset("synthetic", split="cold", seed=0, num_users=300, num_items=150, num_interactions=6000)

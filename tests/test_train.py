@@ -23,7 +23,7 @@ def lightgcn_run(tmp_path_factory):
 
 def test_outputs_and_metric_keys(lightgcn_run):
     out = lightgcn_run
-    for f in ("metrics.json", "config.yaml", "best.pt", "last.pt", "train.log"):
+    for f in ("metrics.json", "config.yaml", "best.pt", "data.pt", "last.pt", "train.log"):
         assert (out / f).is_file(), f
     m = json.loads((out / "metrics.json").read_text())
     for split in ("valid", "test"):
@@ -49,6 +49,34 @@ def test_recommend_returns_original_ids(lightgcn_run):
         train.recommend(lightgcn_run / "best.pt", ["no-such-user"], k=5)
     with pytest.raises(ValueError, match="k"):
         train.recommend(lightgcn_run / "best.pt", [user], k=0)
+
+
+def test_best_pt_refers_to_the_runs_data_written_once(lightgcn_run, tmp_path):
+    """best.pt keeps no training pairs (every improvement rewrites only the model); recommend() reads
+    them from the data.pt beside it, refuses a missing or foreign data.pt, and still serves an
+    export of version 2 that carries them inline."""
+    from glrec_fast.data import load_dataset
+    ds = load_dataset("ml-100k", split="random", seed=0)
+    best = checkpoint.load(lightgcn_run / "best.pt")
+    assert "train" not in best and "user_ids" not in best and best["data"]["num_pairs"] == ds.train.size(0)
+    ck = train.load_export(lightgcn_run / "best.pt")
+    assert torch.equal(ck["train"], ds.train) and ck["user_ids"] == ds.user_ids.tolist()
+    users = ds.user_ids[:3].tolist()
+    want = train.recommend(lightgcn_run / "best.pt", users, k=5)
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    checkpoint.save(best, alone / "best.pt")
+    with pytest.raises(FileNotFoundError, match="data.pt"):
+        train.recommend(alone / "best.pt", users, k=5)
+    data = checkpoint.load(lightgcn_run / "data.pt")
+    checkpoint.save({**data, "train": data["train"][1:], "sha256": "0" * 64}, alone / "data.pt")
+    with pytest.raises(ValueError, match="other training data"):
+        train.recommend(alone / "best.pt", users, k=5)
+
+    inline = {k: v for k, v in ck.items() if k != "data"}   # version 2: pairs and ids inside best.pt
+    checkpoint.save({**inline, "version": 2}, tmp_path / "v2.pt")
+    assert train.recommend(tmp_path / "v2.pt", users, k=5) == want
 
 
 def test_resume_reproduces_an_unbroken_run(tmp_path):
@@ -276,3 +304,23 @@ def test_scale_hints_and_the_evaluation_tile_budget(caplog, monkeypatch):
     # 1,024 users x 1M items would be a 4 GiB tile: the batch shrinks to fit 1 GiB; small graphs keep it.
     assert tr.eval_batch_users({"eval_batch_size": 1024}, 1_000_000) == (1 << 30) // 4_000_000
     assert tr.eval_batch_users({"eval_batch_size": 1024}, 40_981) == 1024
+
+
+def test_cosine_lr_schedule(tmp_path):
+    """--lr_schedule cosine: lr at step 0, half at the midpoint, 0 after the last step; a 2-epoch run
+    ends with the lr of its last step (and constant keeps --lr)."""
+    assert train.cosine_lr_at(0.01, 0, 100) == pytest.approx(0.01)
+    assert train.cosine_lr_at(0.01, 50, 100) == pytest.approx(0.005)
+    assert train.cosine_lr_at(0.01, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert train.cosine_lr_at(0.01, 25, 100) > train.cosine_lr_at(0.01, 75, 100)
+    need_dataset("ml-100k")
+    from glrec_fast.data import load_dataset
+    steps_per_epoch = -(-load_dataset("ml-100k", split="random", seed=0).train.size(0) // 4096)
+    for schedule in ("cosine", "constant"):
+        out = tmp_path / schedule
+        assert train.main(BASE + ["--model", "mf", "--epochs", "2", "--lr", "0.01", "--lr_schedule", schedule,
+                                  "--out", str(out)]) == 0
+        lr = checkpoint.load(out / "last.pt")["optimizer"]["param_groups"][0]["lr"]
+        want = train.cosine_lr_at(0.01, 2 * steps_per_epoch - 1, 2 * steps_per_epoch) if schedule == "cosine" else 0.01
+        assert lr == pytest.approx(want), schedule
+    assert train.main(BASE + ["--lr_schedule", "linear", "--out", str(tmp_path / "bad")]) == 2
