@@ -66,6 +66,12 @@ TRAINED = {
     "mf512-softmax-spectral-lr5e-3": ["--model", "mf", "--emb_dim", "512", "--loss", "softmax", "--init", "spectral",
                                       "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0",
                                       "--temperature", "0.1", "--num_negatives", "1024"],
+    # The learning rate decays down a half cosine to 0 over --epochs (the schedule's length is the
+    # hyperparameter: the final fit keeps it and its last epoch); validated every 5 epochs.
+    **{f"mf256-softmax-spectral-lr5e-3-cosine{e}": [
+        "--model", "mf", "--emb_dim", "256", "--loss", "softmax", "--init", "spectral", "--batch_size", "4096",
+        "--lr", "0.005", "--reg_weight", "0", "--temperature", "0.1", "--num_negatives", "1024",
+        "--lr_schedule", "cosine", "--epochs", str(e), "--eval_every", "5"] for e in (40, 60)},
     "lightgcn-softmax-spectral": ["--model", "lightgcn", "--loss", "softmax", "--init", "spectral",
                                   "--batch_size", "8192", "--lr", "0.001", "--reg_weight", "0",
                                   "--temperature", "0.1", "--num_negatives", "1024"],
@@ -168,8 +174,10 @@ def final_trained(out, baseline_budget, only=None):
         # The training length is validation's: the tuning budget, or the best validation epoch when
         # the recipe peaked before its budget ran out. With no validation set on the full train the
         # last epoch is the model (no selection on test).
+        # A cosine recipe's length is its schedule: the final fit keeps its --epochs.
         epochs = ["--epochs", str(chosen["best_epoch"])] if (
-            name == tuned["chosen"] and chosen["best_epoch"] < chosen["epochs_run"]) else []
+            name == tuned["chosen"] and chosen["best_epoch"] < chosen["epochs_run"]
+            and "cosine" not in TRAINED[name]) else []
         args = [*COMMON, *TRAINED[name], *epochs, "--time_budget", str(minutes), "--trace_test", "--eval_every", "2",
                 "--out", run_dir]
         wall = _run(args, os.path.join(out, f"{name}.log"))
@@ -209,9 +217,9 @@ def eval_speed(out):
 _RECOMMEND_PROBE = """
 import json, resource, sys, time, torch
 import glrec_fast as gl
-from glrec_fast import checkpoint
+from glrec_fast import train
 torch.set_num_threads(2)
-ck = checkpoint.load(sys.argv[1])
+ck = train.load_export(sys.argv[1])
 users = list(ck["user_ids"])
 del ck
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
