@@ -2,7 +2,7 @@
 
     python bench/distributed_scaling.py                          # Gowalla: LightGCN (full graph) and GraphSAGE (sampled)
     python bench/distributed_scaling.py --models graphsage --nprocs 1 2 --epochs 2 --repeats 2
-    torchrun --standalone --nproc_per_node=2 bench/distributed_scaling.py --probe   # per-step costs every rank repeats
+    python bench/distributed_scaling.py --frontier --frontier_steps 5   # why a rank's step does not halve
     python bench/distributed_scaling.py --ceiling --models graphsage --json bench/results/distributed_ceiling.json
 
 Every run is ``torchrun --standalone --nproc_per_node=N -m glrec_fast.train`` (gloo, ``--device cpu
@@ -95,41 +95,48 @@ def ceiling(model: str, epochs: int, dataset: str, copies: int = 2) -> dict:
     return out
 
 
-def probe(rows: int, dim: int) -> dict:
-    """Fixed costs of one data-parallel step that do not shrink with the shard: the dense gradient
-    of an embedding table of ``rows x dim`` (what indexing ``nn.Embedding`` rows gives), one Adam
-    step over the whole table, and (under torchrun) the gloo all-reduce of that gradient. Medians of
-    20 calls, ms."""
+def frontier(dataset: str, batches: list[int], fanouts=(10, 10), steps: int = 0) -> list[dict]:
+    """Why a rank's step does not shrink with its shard: the sampled neighbourhood of half a batch is
+    most of the full batch's. For each global batch B: GraphSAGE's sampled edges and nodes for the
+    first batch of an epoch as one process draws it, and for each of 2 ranks' halves (their own
+    sampler seeds), and ``edge_bound`` = full edges / the larger half's (the 2-rank speed-up if a
+    step cost only its sampled edges). With ``steps`` > 0 also the measured bound: the median time
+    of a one-thread GraphSAGE softmax-free BPR step (forward + backward) on B over that on B/2."""
     import torch
+
+    import glrec_fast as gl
+    from glrec_fast.models.graphsage import GraphSAGE
+    from glrec_fast.sampling import bpr_blocks
     torch.set_num_threads(1)
-    table = torch.nn.Parameter(torch.randn(rows, dim) * 0.1)
-    opt = torch.optim.AdamW([table], lr=1e-3, weight_decay=0.0)
-    idx = torch.randint(0, rows, (3 * 8192,))
-
-    def timed(fn):
-        ts = []
-        for _ in range(23):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts[3:]) * 1e3
-
-    def grad():
-        table.grad = None
-        table[idx].pow(2).sum().backward()
-    out = {"rows": rows, "dim": dim, "dense_grad_ms": timed(grad), "adam_step_ms": timed(opt.step)}
-    if "RANK" in os.environ:
-        import torch.distributed as dist
-        dist.init_process_group("gloo")
-        g = table.grad.clone()
-        dist.barrier()
-        out["allreduce_ms"] = timed(lambda: dist.all_reduce(g))
-        out["world_size"] = dist.get_world_size()
-        dist.destroy_process_group()
-        if int(os.environ["RANK"]):
-            return out
-    print(json.dumps(out), flush=True)
-    return out
+    ds = gl.load_dataset(dataset)
+    g = gl.BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    nodes = g.num_users + g.num_items
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(ds.train.size(0), generator=gen)
+    model = GraphSAGE(g, dim=64, fanouts=list(fanouts)) if steps else None
+    rows = []
+    for b in batches:
+        pairs = ds.train[perm[:b]]
+        neg = torch.randint(0, g.num_items, (b,), generator=gen)
+        parts = {"full": (slice(0, b), 1), "rank0": (slice(0, b // 2), 1), "rank1": (slice(b // 2, b), 2)}
+        row = {"batch": b}
+        for name, (sl, seed) in parts.items():
+            bl = bpr_blocks(g, pairs[sl, 0], pairs[sl, 1], neg[sl], list(fanouts), seed=seed)
+            row[name] = {"edges": bl.num_edges, "nodes": bl.sizes[-1], "node_share": bl.sizes[-1] / nodes}
+        row["edge_bound"] = row["full"]["edges"] / max(row["rank0"]["edges"], row["rank1"]["edges"])
+        if steps:
+            def step_s(sl):
+                ts = []
+                for _ in range(steps + 1):
+                    t = time.perf_counter()
+                    model.loss(pairs[sl, 0], pairs[sl, 1], neg[sl], 0.0)[0].backward()
+                    ts.append(time.perf_counter() - t)
+                return statistics.median(ts[1:])
+            row["step_s_full"], row["step_s_half"] = step_s(slice(0, b)), step_s(slice(0, b // 2))
+            row["time_bound"] = row["step_s_full"] / row["step_s_half"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -142,11 +149,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=os.path.join(HERE, "results", "distributed_scaling.json"))
     ap.add_argument("--ceiling", action="store_true", help="run 2 independent one-process trainings at once "
                     "and report their summed throughput over one alone: the machine's bound on a 2-rank speed-up")
-    ap.add_argument("--probe", action="store_true", help="time the per-step costs that every rank repeats "
-                    "(Gowalla-sized table); run under torchrun for the all-reduce too")
+    ap.add_argument("--frontier", type=int, nargs="*", default=None, metavar="BATCH",
+                    help="no training: GraphSAGE's sampled edges for global batches (default 1024 .. 16384) and "
+                    "for each of 2 ranks' halves, the bound they set on a 2-rank speed-up")
+    ap.add_argument("--frontier_steps", type=int, default=0, help="--frontier: also time this many one-thread "
+                    "GraphSAGE steps on the full and the half batch")
     args = ap.parse_args(argv)
-    if args.probe:
-        probe(29_858 + 40_981, 64)
+    if args.frontier is not None:
+        res = frontier(args.dataset, args.frontier or [1024, 2048, 4096, 8192, 16384], steps=args.frontier_steps)
+        path = os.path.join(os.path.dirname(args.json), "distributed_frontier.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"args": vars(args), "frontier": res, "commit": _commit()}, f, indent=1)
         return 0
     if args.ceiling:
         res = [ceiling(m, args.epochs, args.dataset) for m in args.models]
