@@ -324,3 +324,36 @@ def test_cosine_lr_schedule(tmp_path):
         want = train.cosine_lr_at(0.01, 2 * steps_per_epoch - 1, 2 * steps_per_epoch) if schedule == "cosine" else 0.01
         assert lr == pytest.approx(want), schedule
     assert train.main(BASE + ["--lr_schedule", "linear", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_eval_users_validates_on_a_fixed_sample_and_reports_every_user(tmp_path):
+    """--eval_users N: training validates on a seeded sample of N validation users (the history's
+    numbers are that sample's), the final report ranks every validation user."""
+    need_dataset("ml-100k")
+    from glrec_fast import metrics
+    from glrec_fast.data import load_dataset
+    from glrec_fast.graph import BipartiteGraph
+    ds = load_dataset("ml-100k", split="random", seed=0)
+    every = torch.unique(ds.valid[:, 0])
+    cfg = {"eval_users": 100, "seed": 0}
+    sample = train.validation_users(cfg, ds)
+    assert sample.numel() == 100 and torch.isin(sample, every).all() and torch.equal(sample, sample.sort().values)
+    assert torch.equal(sample, train.validation_users(cfg, ds))
+    assert not torch.equal(sample, train.validation_users({"eval_users": 100, "seed": 1}, ds))
+    assert train.validation_users({"eval_users": 0, "seed": 0}, ds) is None
+    assert train.validation_users({"eval_users": every.numel(), "seed": 0}, ds) is None
+
+    out = tmp_path / "run"
+    assert train.main(BASE + ["--model", "mf", "--epochs", "2", "--lr", "0.01", "--eval_users", "100",
+                              "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    ck = train.load_export(out / "best.pt")
+    scorer = train.scorer_from_export(ck)
+    graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    kw = dict(exclude=[ds.train], ks=ck["config"]["topk"], item_context=graph.item_context)
+    full = metrics.evaluate(scorer, ds.valid, ds.num_users, ds.num_items, **kw)
+    part = metrics.evaluate(scorer, ds.valid[torch.isin(ds.valid[:, 0], sample)], ds.num_users, ds.num_items, **kw)
+    assert m["valid"]["n_users"] == every.numel() and m["valid"]["ndcg@20"] == pytest.approx(full["ndcg@20"], abs=1e-6)
+    row = next(r for r in m["history"] if r["epoch"] == m["best_epoch"])
+    assert row["valid/ndcg@20"] == pytest.approx(part["ndcg@20"], abs=1e-6)
+    assert abs(part["ndcg@20"] - full["ndcg@20"]) > 1e-4   # the sample is not the whole split
