@@ -419,7 +419,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
             if softmax:
                 negs = negs_all[j]   # shared by the whole global batch
             else:
-                g = torch.Generator().manual_seed(hash((cfg["seed"], epoch, j)) % (1 << 63))
+                g = torch.Generator().manual_seed(((cfg["seed"] * 1000003 + epoch) * 1000003 + j) % (1 << 63))
                 negs = sample_negatives(train_pairs[perm[lo:hi], 0], ds.num_items, train_keys, g)
                 negs = negs[sl.start - lo:sl.stop - lo]
             return tuple(t.to(device, non_blocking=True) for t in (pairs[:, 0], pairs[:, 1], negs))
