@@ -110,6 +110,14 @@ def gated_fusion_backward(grad_out, e_graph, e_text, context, gate_weight, gate_
     return (d_eg.to(e_graph.dtype), d_et.to(e_text.dtype), d_w.to(gate_weight.dtype), d_b.to(gate_bias.dtype))
 
 
+# --------------------------------------------------------------------------- sampled-block aggregation
+def block_aggregate(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                    num_rows: int) -> torch.Tensor:
+    """``out[r] = sum_{edges e = (r, c)} values[e] * h[c]`` by gathering every edge's row (what
+    ``sampling.aggregate`` computes as a sparse product, without the ``[edges, d]`` temporary)."""
+    return h.new_zeros((num_rows, h.size(1))).index_add_(0, rows, h[cols] * values.to(h.dtype).unsqueeze(1))
+
+
 # --------------------------------------------------------------------------- neighbour sampling
 def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor, fanouts,
                     replace: bool = False, seed: int = 0):

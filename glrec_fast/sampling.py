@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from . import ops
 
-__all__ = ["Blocks", "sample_blocks", "bpr_blocks", "mean_aggregate", "lightgcn_sampled", "Prefetcher",
+__all__ = ["Blocks", "sample_blocks", "bpr_blocks", "aggregate", "lightgcn_sampled", "Prefetcher",
            "SampledTraining", "batch_seed"]
 
 _MASK64 = (1 << 64) - 1
@@ -92,6 +93,44 @@ class Blocks:
             self._cache[key] = torch.bincount(rows, minlength=self.sizes[hop])
         return self._cache[key]
 
+    def _structure(self, hop: int):
+        """CSR layouts of hop ``0..hop``'s edges both ways: (rowptr, order, t_rowptr, t_cols), where
+        the edges as listed (sorted by row) are the CSR ``[sizes[hop], sizes[hop + 1]]`` with
+        ``rowptr``, and ``order`` lists them by column: the transposed CSR's entries."""
+        key = ("csr", hop)
+        if key not in self._cache:
+            rows, cols = self.edges_upto(hop)
+            rowptr = torch.zeros(self.sizes[hop] + 1, dtype=torch.long, device=rows.device)
+            torch.cumsum(self.row_counts(hop), 0, out=rowptr[1:])
+            order = torch.argsort(cols, stable=True)
+            t_rowptr = torch.zeros(self.sizes[hop + 1] + 1, dtype=torch.long, device=rows.device)
+            torch.cumsum(torch.bincount(cols, minlength=self.sizes[hop + 1]), 0, out=t_rowptr[1:])
+            self._cache[key] = (rowptr, order, t_rowptr, rows[order])
+        return self._cache[key]
+
+    def aggregation(self, hop: int, values: torch.Tensor | None = None, dtype=torch.float32):
+        """``(A, A^T)``: hop ``0..hop``'s edges as a sparse CSR matrix ``[sizes[hop], sizes[hop + 1]]``
+        with ``values`` per edge (in ``edges_upto(hop)`` order; default ``1 / row count``, the mean
+        over each row's sampled neighbours) and its transpose, for :func:`aggregate`."""
+        rows, cols = self.edges_upto(hop)
+        rowptr, order, t_rowptr, t_cols = self._structure(hop)
+        if values is None:
+            values = (1.0 / self.row_counts(hop).clamp(min=1).to(dtype))[rows]
+        values = values.to(dtype)
+        n, m = self.sizes[hop], self.sizes[hop + 1]
+        with warnings.catch_warnings():  # torch's one-time "sparse CSR is beta" notice
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            a = torch.sparse_csr_tensor(rowptr, cols, values, (n, m), check_invariants=False)
+            at = torch.sparse_csr_tensor(t_rowptr, t_cols, values[order], (m, n), check_invariants=False)
+        return a, at
+
+    def prepare(self) -> "Blocks":
+        """Build every hop's CSR layouts now (the sampler's worker thread calls this, so the
+        training step finds them ready)."""
+        for hop in range(self.num_hops):
+            self._structure(hop)
+        return self
+
     def to(self, device) -> "Blocks":
         mv = lambda ts: [t.to(device, non_blocking=True) for t in ts]  # noqa: E731
         return Blocks(self.nodes.to(device, non_blocking=True), list(self.sizes), mv(self.rows), mv(self.cols),
@@ -105,7 +144,7 @@ def sample_blocks(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor, 
     uniq, inverse = torch.unique(seeds.to(rowptr.device), return_inverse=True)
     out = ops.neighbor_sample(rowptr, col, uniq, fanouts, replace=replace, seed=seed)
     return Blocks(out.nodes[-1], [int(n.numel()) for n in out.nodes], list(out.rows), list(out.cols),
-                  list(out.edge_ids), inverse)
+                  list(out.edge_ids), inverse).prepare()
 
 
 def bpr_blocks(graph, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, fanouts, seed: int = 0,
@@ -123,10 +162,27 @@ def bpr_blocks(graph, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
     return sample_blocks(graph.rowptr, graph.col, seeds, fanouts, seed=seed, replace=replace)
 
 
-def mean_aggregate(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """GraphSAGE's mean aggregator over sampled edges: ``out[r] = mean_{(r, c)} h[c]`` (0 without edges)."""
-    out = h.new_zeros((counts.numel(), h.size(1))).index_add_(0, rows, h[cols])
-    return out / counts.clamp(min=1).unsqueeze(1).to(h.dtype)
+class _BlockProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, a, at):
+        ctx.at = at
+        return torch.sparse.mm(a, h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.sparse.mm(ctx.at, grad.contiguous()), None, None
+
+
+def aggregate(h: torch.Tensor, a: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """``a @ h`` for a block's aggregation matrix (``Blocks.aggregation``: ``a`` sparse CSR
+    ``[n, m]``, ``at`` its transpose), differentiable in ``h`` (the gradient is ``at @ grad``).
+
+    One sparse product each way: no ``[edges, d]`` gather or scatter temporary (at 20M interactions
+    a GraphSAGE batch of 8,192 has ~2.6M sampled edges, 670 MB of float32 rows at d=64). The
+    gather-and-``index_add_`` form it replaces is ``reference.block_aggregate``."""
+    if h.size(0) != a.size(1):
+        raise ValueError(f"h: expected {a.size(1)} rows (the block's columns), got {h.size(0)}")
+    return _BlockProduct.apply(h, a, at)
 
 
 def lightgcn_sampled(h0: torch.Tensor, graph, blocks: Blocks) -> torch.Tensor:
@@ -157,8 +213,7 @@ def lightgcn_sampled(h0: torch.Tensor, graph, blocks: Blocks) -> torch.Tensor:
         rows, cols = blocks.edges_upto(hop)
         counts = blocks.row_counts(hop).to(h0.dtype)
         scale = deg[: counts.numel()] / counts.clamp(min=1)
-        w = (dinv[rows] * dinv[cols] * scale[rows]).unsqueeze(1)
-        h = h.new_zeros((blocks.sizes[hop], h.size(1))).index_add_(0, rows, h[cols] * w)
+        h = aggregate(h, *blocks.aggregation(hop, dinv[rows] * dinv[cols] * scale[rows], h0.dtype))
         total = total + h[:n0]
     return total / (L + 1)
 

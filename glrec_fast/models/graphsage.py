@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..sampling import Blocks, SampledTraining, lightgcn_sampled, mean_aggregate
+from ..sampling import Blocks, SampledTraining, aggregate, lightgcn_sampled
 from .base import Recommender
 from .lightgcn import LightGCN
 
@@ -55,8 +55,7 @@ class GraphSAGE(SampledTraining, Recommender):
         h = self.rows(self.ego, blocks.nodes)
         for t in range(self.num_layers):
             hop = self.num_layers - 1 - t  # layer t uses the edges of hops 0..hop
-            rows, cols = blocks.edges_upto(hop)
-            mean = mean_aggregate(h, rows, cols, blocks.row_counts(hop))
+            mean = aggregate(h, *blocks.aggregation(hop, dtype=h.dtype))
             h = self._layer(t, h[: blocks.sizes[hop]], mean)
         return h
 
