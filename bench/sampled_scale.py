@@ -2,10 +2,17 @@
 
     python bench/sampled_scale.py --dataset gowalla --model graphsage --epochs 3
     python bench/sampled_scale.py --dataset synthetic --synthetic_interactions 20000000 --epochs 1 --batch_size 8192
+    python bench/sampled_scale.py --dataset synthetic --synthetic_interactions 20000000 --batch_size 8192 --step_bench 20
 
 Trains through ``glrec_fast.train.train`` (the CLI's code path) with ``--fanouts [10, 10]`` and
 reports the process's peak resident memory (``ru_maxrss``), which includes data loading, the graph,
 the model, sampling and the full-ranking evaluation.
+
+``--step_bench N`` trains no epoch: it times N GraphSAGE BPR steps (sampling prefetched one batch
+ahead, forward, backward, RowAdam) on the same batches for each way of aggregating a sampled block,
+interleaved step by step in this one process (this machine drifts): the library's sparse product
+(``sampling.aggregate``), the gather + ``index_add_`` it replaced (``reference.block_aggregate``,
+the library until commit ae066ba), and ``torch.sparse.mm`` with torch's own autograd.
 """
 from __future__ import annotations
 
@@ -17,7 +24,74 @@ import sys
 import tempfile
 import time
 
-from glrec_fast import config, train
+import statistics
+
+import torch
+
+from glrec_fast import config, reference, sampling, train
+from glrec_fast.graph import BipartiteGraph
+from glrec_fast.models import graphsage
+
+
+def _gather_aggregate(h, a, at):
+    rows = torch.repeat_interleave(torch.arange(a.size(0)), a.crow_indices().diff())
+    return reference.block_aggregate(h, rows, a.col_indices(), a.values(), a.size(0))
+
+
+def _torch_sparse_aggregate(h, a, at):
+    return torch.sparse.mm(a, h)   # torch's autograd for the dense operand
+
+
+PROVIDERS = {"library (sparse product, transposed backward)": sampling.aggregate,
+             "gather + index_add_ aggregation (the form before ae066ba)": _gather_aggregate,
+             "torch.sparse.mm, torch autograd": _torch_sparse_aggregate}
+
+
+def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
+    """Median GraphSAGE step time per aggregation provider, interleaved step by step."""
+    cfg = config.resolve([], overrides={**over, "out": os.devnull})
+    torch.set_num_threads(int(cfg["num_threads"] or torch.get_num_threads()))
+    t0 = time.time()
+    ds = train.load_data(cfg)
+    graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    build_s = time.time() - t0
+    pairs = ds.train.long()
+    keys = torch.sort(pairs[:, 0] * ds.num_items + pairs[:, 1]).values
+    perm = torch.randperm(pairs.size(0), generator=torch.Generator().manual_seed(0))
+    bs = cfg["batch_size"]
+
+    def batch(j):
+        p = pairs[perm[j * bs:(j + 1) * bs]]
+        return p[:, 0], p[:, 1], train.sample_negatives(p[:, 0], ds.num_items, keys,
+                                                         torch.Generator().manual_seed(j))
+
+    runs = {}
+    for name in PROVIDERS:
+        torch.manual_seed(0)
+        model = train.build_model(cfg, ds, graph, torch.device("cpu"))
+        runs[name] = (model, train._optimizer(model, cfg), [])
+    batches = [batch(j) for j in range(warmup + steps + 1)]
+    for j in range(warmup + steps):
+        for name, fn in PROVIDERS.items():
+            model, opt, times = runs[name]
+            graphsage.aggregate = fn
+            t = time.perf_counter()
+            model.prefetch(*batches[j + 1])
+            loss, _ = model.loss(*batches[j], cfg["reg_weight"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if j >= warmup:
+                times.append(time.perf_counter() - t)
+    graphsage.aggregate = sampling.aggregate
+    out = {"build_s": build_s, "batch_size": bs, "steps": steps, "providers": {}}
+    base = statistics.median(runs[next(iter(PROVIDERS))][2])
+    for name, (_, _, times) in runs.items():
+        med = statistics.median(times)
+        out["providers"][name] = {"median_step_s": med, "triples_per_s": bs / med, "library_speedup": med / base}
+        print(f"{name:50s} {med * 1000:8.1f} ms/step {bs / med:10,.0f} triples/s  library {med / base:.2f}x",
+              flush=True)
+    return out
 
 
 def main(argv=None):
@@ -28,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--synthetic_interactions", type=int, default=None)
+    ap.add_argument("--step_bench", type=int, default=0, metavar="N",
+                    help="time N steps per aggregation provider instead of training an epoch")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     over = dict(dataset=args.dataset, model=args.model, sampled=True, fanouts=[10, 10], epochs=args.epochs,
@@ -35,6 +111,13 @@ def main(argv=None):
     if args.synthetic_interactions:
         n = args.synthetic_interactions
         over.update(synthetic_interactions=n, synthetic_users=max(2000, n // 100), synthetic_items=max(1000, n // 200))
+    if args.step_bench:
+        if args.model != "graphsage":
+            ap.error("--step_bench times GraphSAGE steps; use --model graphsage")
+        res = {"args": vars(args), **step_bench(over, args.step_bench)}
+        res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        _write(args, res, "steps_")
+        return 0
     t0 = time.time()
     with tempfile.TemporaryDirectory() as out:
         r = train.train(config.resolve([], overrides={**over, "out": out}))
@@ -43,12 +126,17 @@ def main(argv=None):
            "test": {k: r["test"][k] for k in ("recall@20", "ndcg@20")}, "peak_rss_gib": peak_gib,
            "wall_s": time.time() - t0}
     print(json.dumps(res, indent=1))
+    _write(args, res)
+    return 0
+
+
+def _write(args, res: dict, prefix: str = "") -> None:
+    size = f"_{args.synthetic_interactions}" if args.synthetic_interactions else ""
     path = args.json or os.path.join(os.path.dirname(__file__), "results",
-                                     f"sampled_{args.model}_{args.dataset}{'_' + str(args.synthetic_interactions) if args.synthetic_interactions else ''}.json")
+                                     f"sampled_{prefix}{args.model}_{args.dataset}{size}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

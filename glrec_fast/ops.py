@@ -1,4 +1,5 @@
-"""The public ops: ``propagate``, ``gated_fusion``, ``neighbor_sample``.
+"""The public ops: ``propagate``, ``gated_fusion``, ``neighbor_sample``, and ``row_adam_`` (the
+row-sparse optimiser step of ``optim.RowAdam``).
 
 One op, one name, many devices: each op is defined once here as ``torch.ops.glrec.<name>``; the
 compiled extension (``glrec_fast._C``) registers its C++ (and CUDA) kernels under the same name,
@@ -25,6 +26,9 @@ SCHEMAS = {
                               "-> (Tensor, Tensor, Tensor, Tensor)"),
     "neighbor_sample": ("neighbor_sample(Tensor rowptr, Tensor col, Tensor seeds, int[] fanouts, bool replace=False, "
                         "int seed=0) -> (Tensor[] nodes, Tensor[] rows, Tensor[] cols, Tensor[] edge_ids)"),
+    # optim.RowAdam's step on the rows of a row-sparse gradient, in place (rows unique).
+    "row_adam_": ("row_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
+                  "float step_size, float beta1, float beta2, float eps, float bc2_sqrt) -> ()"),
     # GrokkingMonitor.observe (glrec_fast/grokking.py): in-place update of the monitor's device state.
     "grokking_observe": ("grokking_observe(Tensor(a!) state, Tensor(b!) ring, Tensor(c!) event_buf, "
                          "Tensor(d!) event_count, Tensor(e!) history_row, Tensor vals, float[] config, int step, "
@@ -55,7 +59,12 @@ def _ref_grokking_observe_kernel(state, ring, event_buf, event_count, history_ro
     reference.grokking_observe(state, ring, event_buf, event_count, history_row, vals, config, step, slot)
 
 
+def _ref_row_adam_kernel(param, exp_avg, exp_avg_sq, rows, grad, step_size, beta1, beta2, eps, bc2_sqrt):
+    reference.row_adam_(param, exp_avg, exp_avg_sq, rows, grad, step_size, beta1, beta2, eps, bc2_sqrt)
+
+
 _REFERENCE_KERNELS = {
+    "row_adam_": _ref_row_adam_kernel,
     "grokking_observe": _ref_grokking_observe_kernel,
     "propagate": _ref_propagate_kernel,
     "gated_fusion": _ref_gated_fusion_kernel,
@@ -294,6 +303,24 @@ def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor
     out = torch.ops.glrec.neighbor_sample(rowptr.contiguous(), col.contiguous(), seeds.contiguous(), fanouts,
                                           replace, seed)
     return SampledSubgraph(*out)
+
+
+def row_adam_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, rows: torch.Tensor,
+              grad: torch.Tensor, step_size: float, beta1: float, beta2: float, eps: float, bc2_sqrt: float) -> None:
+    """One lazy-Adam step on rows ``rows`` (1-d int64, **unique**) of ``param`` and its moments, in place:
+    ``grad`` holds those rows' gradients ``[len(rows), *param.shape[1:]]``. The arithmetic of
+    ``reference.row_adam_``; the compiled kernel serves contiguous float32 tables on the CPU."""
+    if rows.dtype != torch.long or rows.dim() != 1:
+        raise ValueError(f"rows: expected a 1-d int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
+    if grad.shape != (rows.numel(), *param.shape[1:]):
+        raise ValueError(f"grad: expected shape {(rows.numel(), *param.shape[1:])}, got {tuple(grad.shape)}")
+    fast = (_backend.backend() != "reference" and param.dtype == torch.float32 and grad.dtype == torch.float32
+            and all(t.is_contiguous() for t in (param, exp_avg, exp_avg_sq)))
+    if not fast:
+        reference.row_adam_(param, exp_avg, exp_avg_sq, rows, grad, step_size, beta1, beta2, eps, bc2_sqrt)
+        return
+    torch.ops.glrec.row_adam_(param, exp_avg, exp_avg_sq, rows, grad.contiguous(), float(step_size), float(beta1),
+                              float(beta2), float(eps), float(bc2_sqrt))
 
 
 def kernel_report() -> dict:

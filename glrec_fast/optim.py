@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from . import ops
+
 __all__ = ["RowAdam"]
 
 
@@ -84,17 +86,19 @@ def _dense_step(p, grad, state, group):
 
 def _sparse_step(p, grad, state, group):
     """The dense update restricted to the rows in ``grad`` (duplicates summed first)."""
-    grad = grad.coalesce()
     if grad.sparse_dim() != 1:
         raise ValueError(f"RowAdam: expected a row-sparse gradient (sparse_dim 1) for a parameter of shape "
                          f"{tuple(p.shape)}, got sparse_dim {grad.sparse_dim()}")
-    rows, g = grad.indices()[0], grad.values()
+    rows = grad._indices()[0]
+    if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
+        # Already sorted and unique (a sampled block's node rows arrive so: sampling._NodeRows), which
+        # torch's gradient accumulation does not flag; one comparison pass instead of a sort.
+        g = grad._values()
+    else:
+        grad = grad.coalesce()
+        rows, g = grad.indices()[0], grad.values()
     if rows.numel() == 0:
         return
     b1, b2 = group["betas"]
-    m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
-    v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
-    state["exp_avg"].index_copy_(0, rows, m)
-    state["exp_avg_sq"].index_copy_(0, rows, v)
     step_size, bc2_sqrt = _bias(state, group)
-    p.index_add_(0, rows, m.div_((v.sqrt_() / bc2_sqrt).add_(group["eps"])), alpha=-step_size)
+    ops.row_adam_(p.data, state["exp_avg"], state["exp_avg_sq"], rows, g, step_size, b1, b2, group["eps"], bc2_sqrt)

@@ -110,6 +110,17 @@ def gated_fusion_backward(grad_out, e_graph, e_text, context, gate_weight, gate_
     return (d_eg.to(e_graph.dtype), d_et.to(e_text.dtype), d_w.to(gate_weight.dtype), d_b.to(gate_bias.dtype))
 
 
+# --------------------------------------------------------------------------- row-sparse Adam
+def row_adam_(param, exp_avg, exp_avg_sq, rows, grad, step_size: float, beta1: float, beta2: float, eps: float,
+              bc2_sqrt: float) -> None:
+    """Adam's update restricted to ``rows`` (unique) of ``param`` and its moments, in place."""
+    m = exp_avg.index_select(0, rows).lerp_(grad, 1 - beta1)
+    v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)
+    param.index_add_(0, rows, m.div_((v.sqrt_() / bc2_sqrt).add_(eps)), alpha=-step_size)
+
+
 # --------------------------------------------------------------------------- sampled-block aggregation
 def block_aggregate(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
                     num_rows: int) -> torch.Tensor:

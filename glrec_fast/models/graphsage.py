@@ -50,9 +50,9 @@ class GraphSAGE(SampledTraining, Recommender):
         return torch.tanh(out) if t < self.num_layers - 1 else out
 
     # ------------------------------------------------------------------ training: sampled blocks
-    def block_embeddings(self, blocks: Blocks) -> torch.Tensor:
+    def block_embeddings(self, blocks: Blocks, h0: torch.Tensor | None = None) -> torch.Tensor:
         """Final embeddings of the unique seeds (local-id order) computed on ``blocks``."""
-        h = self.rows(self.ego, blocks.nodes)
+        h = self.block_rows(blocks) if h0 is None else h0
         for t in range(self.num_layers):
             hop = self.num_layers - 1 - t  # layer t uses the edges of hops 0..hop
             mean = aggregate(h, *blocks.aggregation(hop, dtype=h.dtype))
@@ -98,8 +98,8 @@ class SampledLightGCN(SampledTraining, LightGCN):
         super().__init__(graph, dim, len(list(fanouts)), init_std)
         self._init_sampling(fanouts, replace, sample_seed)
 
-    def block_embeddings(self, blocks: Blocks) -> torch.Tensor:
-        return lightgcn_sampled(self.rows(self.ego, blocks.nodes), self.graph, blocks)
+    def block_embeddings(self, blocks: Blocks, h0: torch.Tensor | None = None) -> torch.Tensor:
+        return lightgcn_sampled(self.block_rows(blocks) if h0 is None else h0, self.graph, blocks)
 
     def sparse_tables(self):
         return [self.ego]
