@@ -1,0 +1,68 @@
+"""Median time of a sampled GraphSAGE training step, for comparing commits on the same data.
+
+    python bench/sampled_step_time.py --synthetic_interactions 20000000 --steps 12
+    PYTHONPATH=/path/to/older/checkout python bench/sampled_step_time.py ...   # the same at another commit
+
+One step is what the training loop does: the batch's pairs and BPR negatives, the next batch's
+neighbourhood submitted to the sampler's worker thread, the loss, backward and the optimiser step
+(``train.build_model`` and ``train._optimizer``: RowAdam with row-sparse tables). Only interfaces
+that older commits share are used, so the script runs unchanged against them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from glrec_fast import config, train
+from glrec_fast.graph import BipartiteGraph
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--synthetic_interactions", type=int, default=20_000_000)
+    ap.add_argument("--batch_size", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    a = ap.parse_args(argv)
+    n, bs = a.synthetic_interactions, a.batch_size
+    cfg = config.resolve([], overrides=dict(
+        dataset="synthetic", synthetic_interactions=n, synthetic_users=max(2000, n // 100),
+        synthetic_items=max(1000, n // 200), model="graphsage", sampled=True, fanouts=[10, 10], num_layers=2,
+        batch_size=bs, grokking=False, out="unused"))
+    torch.set_num_threads(int(cfg["num_threads"] or torch.get_num_threads()))
+    ds = train.load_data(cfg)
+    graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    model = train.build_model(cfg, ds, graph, torch.device("cpu"))
+    opt = train._optimizer(model, cfg)
+    pairs = ds.train.long()
+    keys = torch.sort(pairs[:, 0] * ds.num_items + pairs[:, 1]).values
+    perm = torch.randperm(pairs.size(0), generator=torch.Generator().manual_seed(0))
+
+    def batch(j):
+        p = pairs[perm[j * bs:(j + 1) * bs]]
+        return p[:, 0], p[:, 1], train.sample_negatives(p[:, 0], ds.num_items, keys, torch.Generator().manual_seed(j))
+
+    times = []
+    for j in range(a.warmup + a.steps):
+        t = time.perf_counter()
+        users, pos, neg = batch(j)
+        model.prefetch(*batch(j + 1))
+        loss, _ = model.loss(users, pos, neg, cfg["reg_weight"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if j >= a.warmup:
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    print(json.dumps({"synthetic_interactions": n, "batch_size": bs, "steps": a.steps, "median_step_s": med,
+                      "triples_per_s": bs / med, "torch": torch.__version__}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
