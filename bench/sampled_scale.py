@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,12 +124,26 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as out:
         r = train.train(config.resolve([], overrides={**over, "out": out}))
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    res = {"args": vars(args), "dataset": r["dataset"], "epoch_times_s": [h["epoch_time_s"] for h in r["history"]],
+    n_train = int(re.search(r"train ([\d,]+) /", r["dataset"]).group(1).replace(",", ""))
+    epochs = [h["epoch_time_s"] for h in r["history"]]
+    res = {"args": vars(args), "dataset": r["dataset"], "commit": _commit(),
+           "load_time_s": r["load_time_s"], "epoch_times_s": epochs,
+           "triples_per_s": [n_train / t for t in epochs],
+           "validation_eval_times_s": [h.get("eval_time_s") for h in r["history"]],
+           "report_eval_time_s": r["report_eval_time_s"],
            "test": {k: r["test"][k] for k in ("recall@20", "ndcg@20")}, "peak_rss_gib": peak_gib,
            "wall_s": time.time() - t0}
     print(json.dumps(res, indent=1))
     _write(args, res)
     return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _write(args, res: dict, prefix: str = "") -> None:

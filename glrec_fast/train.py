@@ -317,7 +317,8 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
     ds = load_data(cfg)
     log.info("data: %s", ds.summary() if hasattr(ds, "summary") else ds)
     graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
-    log.info("graph: %s (load %.1fs)", graph, time.time() - t0)
+    load_s = time.time() - t0
+    log.info("graph: %s (load %.1fs)", graph, load_s)
     _scale_hints(cfg, graph)
     t_start = time.time()   # --time_budget counts from here: initialisation, training and validation
     model = build_model(cfg, ds, graph, device).to(device)
@@ -522,12 +523,16 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
     # deterministic evaluation): reuse them instead of ranking every valid user again, which on a
     # 200k-user x 100k-item graph is a quarter of an hour on this CPU -- unless training validated
     # on a sample of the users (eval_users): the report ranks every one.
+    report_s = {}
+    t_ev = time.time()
     valid = (valid_users is None and best_export.get("valid")) or evaluate_split(model, ds, graph, "valid", cfg,
                                                                                  device, ctx)
+    report_s["valid"], t_ev = time.time() - t_ev, time.time()
     results = {"valid": valid, "test": evaluate_split(model, ds, graph, "test", cfg, device, ctx)}
+    report_s["test"] = time.time() - t_ev
     extra = {"best_epoch": best_export["epoch"], "epochs_run": state["epoch"], "history": state["history"],
              "dataset": ds.summary() if hasattr(ds, "summary") else str(ds), "model": cfg["model"],
-             "train_time_s": time.time() - t0}
+             "load_time_s": load_s, "report_eval_time_s": report_s, "train_time_s": time.time() - t0}
     if hasattr(model, "gate_report"):
         extra["gates"] = model.gate_report()  # mean share of the graph branch per context
     if main_rank:
