@@ -111,10 +111,15 @@ class BipartiteGraph:
             if int(edges[:, 1].min()) < 0 or int(edges[:, 1].max()) >= num_items:
                 raise ValueError(f"edges: item ids must lie in [0, num_items={num_items}), got "
                                  f"[{int(edges[:, 1].min())}, {int(edges[:, 1].max())}]")
-            edges = torch.unique(edges, dim=0)
-        u, i = edges[:, 0].contiguous(), edges[:, 1].contiguous()
-        urp, ucol, _ = _csr(u, i, num_users)
+        # One sort of the (user, item) keys merges duplicates and orders the user side (a row-wise
+        # torch.unique(dim=0) took ~1 min at 32M edges); the item side is a stable sort by item.
+        keys = torch.unique(edges[:, 0] * num_items + edges[:, 1])
+        u, i = keys.div(max(1, num_items), rounding_mode="floor"), keys.remainder(max(1, num_items))
+        del keys
+        urp = torch.zeros(num_users + 1, dtype=torch.long)
+        torch.cumsum(torch.bincount(u, minlength=num_users), 0, out=urp[1:])
         irp, icol, _ = _csr(i, u, num_items)
+        ucol = i
         return cls(urp, ucol, irp, icol, num_users, num_items, validate=False)
 
     # ------------------------------------------------------------------ properties
