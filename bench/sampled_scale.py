@@ -58,14 +58,12 @@ def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
     graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
     build_s = time.time() - t0
     pairs = ds.train.long()
-    keys = torch.sort(pairs[:, 0] * ds.num_items + pairs[:, 1]).values
     perm = torch.randperm(pairs.size(0), generator=torch.Generator().manual_seed(0))
     bs = cfg["batch_size"]
 
     def batch(j):
         p = pairs[perm[j * bs:(j + 1) * bs]]
-        return p[:, 0], p[:, 1], train.sample_negatives(p[:, 0], ds.num_items, keys,
-                                                         torch.Generator().manual_seed(j))
+        return p[:, 0], p[:, 1], train.sample_negatives(p[:, 0], graph, torch.Generator().manual_seed(j))
 
     runs = {}
     for name in PROVIDERS:

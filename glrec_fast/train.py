@@ -206,25 +206,21 @@ def set_lr(opt, lr: float) -> None:
 
 
 # ----------------------------------------------------------------------------- sampling
-def sample_negatives(users: torch.Tensor, num_items: int, train_keys: torch.Tensor,
-                     gen: torch.Generator, max_tries: int = 20) -> torch.Tensor:
+def sample_negatives(users: torch.Tensor, graph: BipartiteGraph, gen: torch.Generator,
+                     max_tries: int = 20) -> torch.Tensor:
     """One uniformly drawn item per user that the user has not interacted with in training.
 
-    ``train_keys`` is the sorted tensor of ``user * num_items + item`` training keys. Collisions are
+    Membership is read off the training graph's user CSR (``graph.has_edges``). Collisions are
     re-drawn (vectorised); after ``max_tries`` rounds the rare leftovers (users who saw nearly
     every item) keep their last draw.
     """
-    neg = torch.randint(0, num_items, users.shape, generator=gen)
-    if train_keys.numel() == 0:
-        return neg
+    neg = torch.randint(0, graph.num_items, users.shape, generator=gen)
     for _ in range(max_tries):
-        keys = users * num_items + neg
-        idx = torch.searchsorted(train_keys, keys).clamp(max=train_keys.numel() - 1)
-        bad = train_keys[idx] == keys
+        bad = graph.has_edges(users, neg)
         n_bad = int(bad.sum())
         if n_bad == 0:
             break
-        neg[bad] = torch.randint(0, num_items, (n_bad,), generator=gen)
+        neg[bad] = torch.randint(0, graph.num_items, (n_bad,), generator=gen)
     return neg
 
 
@@ -368,7 +364,6 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
 
     data_ref = _write_data(ds, out, write=main_rank)   # once per run; best.pt refers to it
     train_pairs = ds.train.to(torch.long)
-    train_keys = torch.sort(train_pairs[:, 0] * ds.num_items + train_pairs[:, 1]).values
     gen = torch.Generator()
     has_valid = ds.valid.numel() > 0
     valid_users = validation_users(cfg, ds)
@@ -421,7 +416,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
                 negs = negs_all[j]   # shared by the whole global batch
             else:
                 g = torch.Generator().manual_seed(((cfg["seed"] * 1000003 + epoch) * 1000003 + j) % (1 << 63))
-                negs = sample_negatives(train_pairs[perm[lo:hi], 0], ds.num_items, train_keys, g)
+                negs = sample_negatives(train_pairs[perm[lo:hi], 0], graph, g)
                 negs = negs[sl.start - lo:sl.stop - lo]
             return tuple(t.to(device, non_blocking=True) for t in (pairs[:, 0], pairs[:, 1], negs))
 

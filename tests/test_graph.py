@@ -92,3 +92,41 @@ def test_constructor_refuses_malformed_csrs():
     dup_i = torch.tensor([0, 0, 2]), torch.tensor([0, 0])
     with pytest.raises(ValueError, match="duplicate edge \\(user 0, item 1\\)"):
         BipartiteGraph(*dup_u, *dup_i, 3, 2)
+
+
+# --------------------------------------------------------------------------- membership (negative sampling)
+def test_has_edges_equals_set_membership():
+    gen = torch.Generator().manual_seed(3)
+    nu, ni = 40, 300
+    # skewed degrees (user 0 holds half the items, some users none) and duplicate pairs
+    edges = torch.cat([torch.stack([torch.zeros(150, dtype=torch.long), torch.arange(0, 300, 2)], 1),
+                       torch.stack([torch.randint(1, 30, (600,), generator=gen),
+                                    torch.randint(0, ni, (600,), generator=gen)], 1)])
+    edges = torch.cat([edges, edges[:50]])
+    g = BipartiteGraph.from_interactions(edges, nu, ni)
+    seen = set(map(tuple, edges.tolist()))
+    users = torch.randint(0, nu, (5000,), generator=gen)
+    items = torch.randint(0, ni, (5000,), generator=gen)
+    users, items = torch.cat([users, edges[:, 0]]), torch.cat([items, edges[:, 1]])  # every edge is asked too
+    got = g.has_edges(users, items)
+    want = torch.tensor([(u, i) in seen for u, i in zip(users.tolist(), items.tolist())])
+    assert got.dtype == torch.bool and torch.equal(got, want)
+    assert not BipartiteGraph.from_interactions(torch.zeros(0, 2, dtype=torch.long), 3, 4).has_edges(
+        torch.tensor([0, 2]), torch.tensor([1, 3])).any()
+
+
+def test_bpr_negatives_avoid_training_items_and_repeat_per_seed():
+    from glrec_fast.train import sample_negatives
+    gen = torch.Generator().manual_seed(0)
+    nu, ni = 50, 40
+    edges = torch.stack([torch.randint(0, nu, (900,), generator=gen), torch.randint(0, ni, (900,), generator=gen)], 1)
+    edges = torch.cat([edges, torch.stack([torch.zeros(ni, dtype=torch.long), torch.arange(ni)], 1)])  # user 0 saw all
+    g = BipartiteGraph.from_interactions(edges, nu, ni)
+    users = torch.randint(1, nu, (4000,), generator=gen)
+    neg = sample_negatives(users, g, torch.Generator().manual_seed(7))
+    assert not g.has_edges(users, neg).any()
+    assert torch.equal(neg, sample_negatives(users, g, torch.Generator().manual_seed(7)))
+    assert neg.unique().numel() > ni // 2   # drawn across the catalogue, not a fixed fallback
+    # a user who saw every item cannot get a true negative: bounded retries, then the last draw
+    sat = sample_negatives(torch.zeros(10, dtype=torch.long), g, torch.Generator().manual_seed(1))
+    assert sat.shape == (10,) and bool(((sat >= 0) & (sat < ni)).all())
