@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .graph import ITEM_COLD, ITEM_HEAD, ITEM_TAIL
+from .graph import ITEM_COLD, ITEM_HEAD, ITEM_TAIL, BipartiteGraph
 
 METRICS = ("recall", "ndcg", "precision", "hit", "mrr")
 CONTEXTS = {"cold": (ITEM_COLD,), "warm": (ITEM_HEAD, ITEM_TAIL), "head": (ITEM_HEAD,), "tail": (ITEM_TAIL,)}
@@ -89,6 +89,19 @@ class EmbeddingScorer:
         return EmbeddingScorer(self.user_emb, self.item_emb[order.to(self.item_emb.device)])
 
 
+def _exclusion_csr(j: int, p, num_users: int, num_items: int):
+    """(rowptr, items) of ``exclude[j]``: a graph's own user CSR (no copy of its interactions), or
+    the CSR of a pair tensor."""
+    if isinstance(p, BipartiteGraph):
+        if (p.num_users, p.num_items) != (num_users, num_items):
+            raise ValueError(f"exclude[{j}]: a graph of {p.num_users} users x {p.num_items} items, expected "
+                             f"{num_users} x {num_items}")
+        g = p.to("cpu")
+        return g.user_rowptr, g.user_col
+    _check_pairs(f"exclude[{j}]", p, num_users, num_items)
+    return csr_of_pairs(p, num_users)
+
+
 def _relabel(pairs: torch.Tensor, rank: torch.Tensor | None) -> torch.Tensor:
     pairs = pairs.to(torch.long).cpu()
     return pairs if rank is None else torch.stack([pairs[:, 0], rank[pairs[:, 1]]], 1)
@@ -96,14 +109,15 @@ def _relabel(pairs: torch.Tensor, rank: torch.Tensor | None) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tensor, num_users: int,
-             num_items: int, exclude: Iterable[torch.Tensor] = (), ks: Iterable[int] = (10, 20),
+             num_items: int, exclude: Iterable = (), ks: Iterable[int] = (10, 20),
              item_context: torch.Tensor | None = None, batch_size: int = 1024,
              device: torch.device | str | None = None, shard: tuple[int, int] | None = None,
              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Full-ranking metrics of ``score_fn(users) -> [len(users), num_items]`` against ``test`` pairs.
 
     ``exclude``: pair tensors whose items are masked out of each user's ranking (training items,
-    and validation items when scoring test). ``item_context`` adds the per-context breakdown.
+    and validation items when scoring test), or a ``BipartiteGraph`` whose interactions are (read
+    from its user CSR: the training graph masks training items without another copy of them). ``item_context`` adds the per-context breakdown.
     Returns a flat dict such as ``{"recall@20": ..., "ndcg@20/cold": ..., "n_users": ...}``.
 
     One [batch, num_items] score tile per user batch and nothing else of that size: excluded pairs
@@ -121,9 +135,7 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
     if not ks or ks[0] <= 0:
         raise ValueError(f"ks: expected positive cut-offs, got {ks}")
     _check_pairs("test", test, num_users, num_items)
-    exclude = list(exclude)
-    for j, p in enumerate(exclude):
-        _check_pairs(f"exclude[{j}]", p, num_users, num_items)
+    excl = [_exclusion_csr(j, p, num_users, num_items) for j, p in enumerate(exclude)]
     kmax = min(ks[-1], num_items)
 
     # Base contexts as contiguous ranges of relabelled item ids; reported contexts as unions of them.
@@ -151,7 +163,6 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
 
     test = _relabel(test, rank)
     test_keys = torch.sort(test[:, 0] * num_items + test[:, 1]).values
-    excl = [csr_of_pairs(_relabel(p, rank), num_users) for p in exclude]
     # Relevant test items per (user, base context).
     if item_context is not None:
         lut = torch.full((max(base_names) + 1,), -1, dtype=torch.long)
@@ -201,6 +212,8 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
             scores = scores.clone()
         for rp, it in excl:
             row, col = csr_rows(rp, it, users)
+            if rank is not None:
+                col = rank[col]
             scores[row.to(dev), col.to(dev)] = -math.inf
         if discount.numel() != kmax or discount.device != dev:
             discount = 1.0 / torch.log2(torch.arange(kmax, device=dev, dtype=torch.float32) + 2.0)

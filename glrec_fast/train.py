@@ -270,7 +270,7 @@ def evaluate_split(model, ds, graph, split: str, cfg, device, ctx=distributed.Co
         pairs = pairs[torch.isin(pairs[:, 0], users)]
     if pairs.numel() == 0:
         return {}
-    exclude = [ds.train] + ([ds.valid] if split == "test" and ds.valid.numel() else [])
+    exclude = [graph] + ([ds.valid] if split == "test" and ds.valid.numel() else [])   # graph: the training pairs
     model.eval()
     try:
         return metrics.evaluate(model.scorer(), pairs, ds.num_users, ds.num_items, exclude=exclude,

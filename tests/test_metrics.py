@@ -89,6 +89,10 @@ def test_bad_input_names_argument():
         metrics.evaluate(lambda u: torch.zeros(len(u), 5), torch.tensor([[0, 1]]), 3, 6)
     with pytest.raises(ValueError, match="ks"):
         metrics.evaluate(_score_fn, torch.tensor([[0, 1]]), 3, 6, ks=(0,))
+    from glrec_fast import BipartiteGraph
+    with pytest.raises(ValueError, match=r"exclude\[0\]: a graph of 3 users x 5 items, expected 3 x 6"):
+        metrics.evaluate(_score_fn, torch.tensor([[0, 1]]), 3, 6,
+                         exclude=[BipartiteGraph.from_interactions(torch.tensor([[0, 1]]), 3, 5)])
 
 
 def test_per_context_equals_ranking_the_context_alone():
@@ -116,11 +120,13 @@ def test_per_context_equals_ranking_the_context_alone():
             assert full[f"{key}/{name}"] == pytest.approx(alone[key], abs=1e-9), (name, key)
 
 
-@pytest.mark.parametrize("reorder", [False, True])
-def test_equals_dense_reference(reorder):
+@pytest.mark.parametrize("reorder,train_as_graph", [(False, False), (True, False), (True, True)])
+def test_equals_dense_reference(reorder, train_as_graph):
     """The batched, index-masked, merged-top-k evaluation equals reference.evaluate (dense masks,
     one full-width top-k per context) on every key, through a plain score function and through
-    an EmbeddingScorer whose item table is permuted instead of each tile."""
+    an EmbeddingScorer whose item table is permuted instead of each tile; the training pairs
+    excluded as pairs or as the training graph (its own CSR)."""
+    from glrec_fast import BipartiteGraph
     from glrec_fast import reference
     torch.manual_seed(5)
     U, I = 71, 257
@@ -134,7 +140,8 @@ def test_equals_dense_reference(reorder):
     test = test[~torch.isin(key(test), torch.cat([key(train), key(valid)]))]
     eu, ei = torch.randn(U, 8), torch.randn(I, 8)
     fn = metrics.EmbeddingScorer(eu, ei) if reorder else (lambda u: eu[u] @ ei.T)
-    got = metrics.evaluate(fn, test, U, I, exclude=[train, valid], ks=(5, 20), item_context=ctx, batch_size=16)
+    masked = [BipartiteGraph.from_interactions(train, U, I) if train_as_graph else train, valid]
+    got = metrics.evaluate(fn, test, U, I, exclude=masked, ks=(5, 20), item_context=ctx, batch_size=16)
     want = reference.evaluate(lambda u: eu[u] @ ei.T, test, U, I, exclude=[train, valid], ks=(5, 20),
                               item_context=ctx)
     assert set(got) == set(want)
