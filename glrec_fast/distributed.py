@@ -197,12 +197,29 @@ def step_function(model: torch.nn.Module, ctx: Context, device: torch.device):
     return (lambda kind, *args: ddp(kind, *args)), sync_rows
 
 
+def _dense_row_mean(p: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, world: int) -> torch.Tensor:
+    """The ranks' mean row gradient through one dense all-reduce of the table's shape plus a
+    touched-row mask: for steps that touch most of a table (GraphSAGE batches reach ~all nodes),
+    where gathering every rank's row list and coalescing it costs a sort of world x rows."""
+    buf = p.new_zeros(p.shape)
+    buf.index_copy_(0, idx, vals)
+    mask = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
+    mask[idx] = 1
+    torch.distributed.all_reduce(buf)
+    torch.distributed.all_reduce(mask)
+    rows = torch.nonzero(mask).flatten()   # ascending: the gradient is coalesced by construction
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), buf.index_select(0, rows) / world, p.shape,
+                                   is_coalesced=True)
+
+
 def sync_row_grads(params: list[torch.Tensor], ctx: Context) -> None:
     """Replace each parameter's row-sparse gradient by the mean over ranks (DDP's convention).
 
     Each rank contributes the rows its shard touched: the (row ids, row gradients) of every rank
     are all-gathered (padded to the longest), so the bytes moved grow with the rows a step reads,
     not with the table. Every rank then holds the same coalesced gradient, summed in rank order.
+    When the ranks' rows together reach half the table, a dense all-reduce of the table-shaped sum
+    and a touched-row mask replaces the gather (about the same bytes, no sort of the row lists).
     Works on gloo and NCCL alike (plain dense collectives)."""
     world = ctx.world_size
     for p in params:
@@ -220,6 +237,9 @@ def sync_row_grads(params: list[torch.Tensor], ctx: Context) -> None:
         torch.distributed.all_gather(sizes, n)
         sizes = [int(x) for x in sizes]
         m = max(sizes)
+        if world * m * 2 >= p.shape[0]:
+            p.grad = _dense_row_mean(p, idx, vals, world)
+            continue
         pad = m - idx.numel()
         idx_p = torch.cat([idx, idx.new_zeros(pad)])
         vals_p = torch.cat([vals, vals.new_zeros((pad,) + vals.shape[1:])])
