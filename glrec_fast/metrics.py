@@ -117,7 +117,8 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
 
     ``exclude``: pair tensors whose items are masked out of each user's ranking (training items,
     and validation items when scoring test), or a ``BipartiteGraph`` whose interactions are (read
-    from its user CSR: the training graph masks training items without another copy of them). ``item_context`` adds the per-context breakdown.
+    from its user CSR: the training graph masks training items without another copy of them).
+    ``item_context`` adds the per-context breakdown.
     Returns a flat dict such as ``{"recall@20": ..., "ndcg@20/cold": ..., "n_users": ...}``.
 
     One [batch, num_items] score tile per user batch and nothing else of that size: excluded pairs
