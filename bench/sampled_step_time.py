@@ -11,7 +11,6 @@ that older commits share are used, so the script runs unchanged against them.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
@@ -41,18 +40,12 @@ def main(argv=None) -> int:
     model = train.build_model(cfg, ds, graph, torch.device("cpu"))
     opt = train._optimizer(model, cfg)
     pairs = ds.train.long()
-    # The negative sampler's membership table: sorted training keys in older commits, the graph's
-    # CSR since issue 14's last slice; both draw the same negatives.
-    if "train_keys" in inspect.signature(train.sample_negatives).parameters:
-        keys = torch.sort(pairs[:, 0] * ds.num_items + pairs[:, 1]).values
-        negatives = lambda users, gen: train.sample_negatives(users, ds.num_items, keys, gen)  # noqa: E731
-    else:
-        negatives = lambda users, gen: train.sample_negatives(users, graph, gen)  # noqa: E731
+    keys = torch.sort(pairs[:, 0] * ds.num_items + pairs[:, 1]).values
     perm = torch.randperm(pairs.size(0), generator=torch.Generator().manual_seed(0))
 
     def batch(j):
         p = pairs[perm[j * bs:(j + 1) * bs]]
-        return p[:, 0], p[:, 1], negatives(p[:, 0], torch.Generator().manual_seed(j))
+        return p[:, 0], p[:, 1], train.sample_negatives(p[:, 0], ds.num_items, keys, torch.Generator().manual_seed(j))
 
     times = []
     for j in range(a.warmup + a.steps):

@@ -152,23 +152,6 @@ class BipartiteGraph:
     def cold_items(self) -> torch.Tensor:
         return torch.nonzero(self.item_context == ITEM_COLD).flatten()
 
-    def has_edges(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Bool tensor: whether each (users[k], items[k]) is an interaction, by a vectorised binary
-        search in each user's sorted CSR row (so no separate table of training keys is kept)."""
-        users, items = users.to(self.user_rowptr.device), items.to(self.user_col.device)
-        lo, hi = self.user_rowptr[users], self.user_rowptr[users + 1]
-        if self.user_col.numel() == 0 or users.numel() == 0:
-            return torch.zeros(users.shape, dtype=torch.bool, device=users.device)
-        last = self.user_col.numel() - 1
-        count = hi - lo
-        for _ in range(int(count.max()).bit_length()):   # lower bound of items in user_col[lo:hi]
-            half = count // 2
-            mid = lo + half
-            right = (count > 0) & (self.user_col[mid.clamp(max=last)] < items)
-            lo = torch.where(right, mid + 1, lo)
-            count = torch.where(right, count - half - 1, half)
-        return (lo < hi) & (self.user_col[lo.clamp(max=last)] == items)
-
     def norm_adj(self) -> torch.Tensor:
         """The normalised joint adjacency as a torch sparse CSR tensor (for the reference path)."""
         key = ("norm_adj", self.rowptr.device)
