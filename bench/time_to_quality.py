@@ -72,6 +72,12 @@ TRAINED = {
         "--model", "mf", "--emb_dim", "256", "--loss", "softmax", "--init", "spectral", "--batch_size", "4096",
         "--lr", "0.005", "--reg_weight", "0", "--temperature", "0.1", "--num_negatives", "1024",
         "--lr_schedule", "cosine", "--epochs", str(e), "--eval_every", "5"] for e in (40, 60)},
+    # The same with a learned per-item logit offset (--item_bias): cosine logits alone cannot carry
+    # item popularity (Wu et al., "On the effectiveness of sampled softmax loss for item recommendation").
+    **{f"mf256-softmax-spectral-bias-lr5e-3-cosine{e}": [
+        "--model", "mf", "--emb_dim", "256", "--loss", "softmax", "--item_bias", "true", "--init", "spectral",
+        "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0", "--temperature", "0.1", "--num_negatives", "1024",
+        "--lr_schedule", "cosine", "--epochs", str(e), "--eval_every", "5"] for e in (30, 60)},
     "lightgcn-softmax-spectral": ["--model", "lightgcn", "--loss", "softmax", "--init", "spectral",
                                   "--batch_size", "8192", "--lr", "0.001", "--reg_weight", "0",
                                   "--temperature", "0.1", "--num_negatives", "1024"],

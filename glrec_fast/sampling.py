@@ -343,7 +343,7 @@ class SampledTraining:
         """``Recommender.softmax_loss`` with the L2 rows (users and positives) off the block's ID rows."""
         from .models.losses import sampled_softmax
         u, p, n, sq = self._batch(users, pos, negs)
-        sm = sampled_softmax(u, p, n, pos, negs, temperature)
+        sm = sampled_softmax(u, p, n, pos, negs, temperature, *self.bias_rows(pos, negs))
         reg = sq[: 2 * users.numel()].sum() / (2 * users.numel())
         return sm + reg_weight * reg, {"softmax": sm.detach(), "reg": reg.detach()}
 

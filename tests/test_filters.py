@@ -121,12 +121,14 @@ def test_gowalla_validation_never_holds_a_test_interaction():
         load_dataset("ml-100k", split="random", valid_fraction=0.1)
 
 
-def _softmax_reference(u, p, n, pos_ids, neg_ids, t):
-    """The loss written row by row from its definition."""
+def _softmax_reference(u, p, n, pos_ids, neg_ids, t, bias=None):
+    """The loss written row by row from its definition (``bias``: the item offsets, by item id)."""
     total = 0.0
+    off = (lambda i: 0.0) if bias is None else (lambda i: bias[i])  # noqa: E731
     for b in range(u.size(0)):
         cos = lambda a, c: (a @ c) / (a.norm() * c.norm())  # noqa: E731
-        logits = [cos(u[b], p[b]) / t] + [cos(u[b], n[j]) / t for j in range(n.size(0)) if neg_ids[j] != pos_ids[b]]
+        logits = [cos(u[b], p[b]) / t + off(pos_ids[b])] + [cos(u[b], n[j]) / t + off(neg_ids[j])
+                                                            for j in range(n.size(0)) if neg_ids[j] != pos_ids[b]]
         logits = torch.stack(logits)
         total = total - (logits[0] - torch.logsumexp(logits, 0))
     return total / u.size(0)
@@ -147,6 +149,47 @@ def test_sampled_softmax_values_and_gradients():
     torch.testing.assert_close(gi, wi)
     with pytest.raises(ValueError, match="temperature"):
         losses.sampled_softmax(u, items[pos_ids], items[neg_ids], pos_ids, neg_ids, 0.0)
+
+
+def test_sampled_softmax_with_item_bias_values_and_gradients():
+    torch.manual_seed(3)
+    u = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    pos_ids, neg_ids = torch.tensor([0, 1, 2, 3, 3, 9]), torch.tensor([3, 4, 5, 9, 7])
+    got = losses.sampled_softmax(u, items[pos_ids], items[neg_ids], pos_ids, neg_ids, 0.2, bias[pos_ids], bias[neg_ids])
+    want = _softmax_reference(u, items[pos_ids], items[neg_ids], pos_ids, neg_ids, 0.2, bias)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, (u, items, bias)), torch.autograd.grad(want, (u, items, bias))):
+        torch.testing.assert_close(g, w)
+    assert not torch.isclose(got, losses.sampled_softmax(u, items[pos_ids], items[neg_ids], pos_ids, neg_ids, 0.2))
+
+
+def test_item_bias_ranks_as_the_logits_do_and_trains_row_sparse():
+    # MF with --item_bias: export's inner product is temperature x the training logit, so ranking by
+    # it is ranking by the logit; the bias table is a row-sparse table beside the ID tables.
+    from glrec_fast.models.mf import MF
+    from glrec_fast.train import _optimizer
+    torch.manual_seed(0)
+    model = MF(7, 9, 4)
+    model.cosine = True
+    model.add_item_bias(0.2)
+    with torch.no_grad():
+        model.item_bias.weight.normal_()
+    opt = _optimizer(model, {"lr": 0.01, "weight_decay": 0.0})
+    assert model.sparse_tables() == [model.user, model.item, model.item_bias]
+    ex = model.export()
+    assert ex["user_emb"].shape == (7, 5) and ex["item_emb"].shape == (9, 5)
+    u, i = torch.nn.functional.normalize(model.user.weight, dim=-1), torch.nn.functional.normalize(model.item.weight, dim=-1)
+    logits = (u @ i.T) / 0.2 + model.item_bias.weight[:, 0][None, :]
+    torch.testing.assert_close(ex["user_emb"] @ ex["item_emb"].T, 0.2 * logits.detach())
+    before = model.item_bias.weight.detach().clone()
+    loss, _ = model.softmax_loss(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]), 0.2, 0.0)
+    loss.backward()
+    assert model.item_bias.weight.grad.is_sparse
+    opt.step()
+    moved = (model.item_bias.weight != before).any(1).nonzero().flatten().tolist()
+    assert moved == [2, 3, 4, 5]     # the positives' and the negatives' offsets, no other
 
 
 def test_spectral_embeddings_reconstruct_the_low_rank_graph():
@@ -211,6 +254,31 @@ def test_softmax_spectral_route_trains(tmp_path):
         from glrec_fast import config
         cfg = config.resolve(BASE + ["--model", "bspm", "--loss", "softmax", "--out", str(tmp_path / "x")])
         train.train(cfg)
+
+
+def test_item_bias_route_trains_and_recommends(tmp_path):
+    need_dataset("ml-100k")
+    args = BASE + ["--model", "mf", "--loss", "softmax", "--item_bias", "true", "--init", "spectral", "--epochs", "3",
+                   "--lr", "0.005",
+                   "--reg_weight", "0", "--out", str(tmp_path)]
+    assert train.main(args) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["test"]["ndcg@20"] > 0.25
+    ck = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert ck["item_emb"].shape[1] == 65 and ck["user_emb"][:, -1].eq(1).all()   # the bias column
+    assert ck["item_emb"][:, -1].abs().max() > 0          # the offsets were learned
+    from glrec_fast.data import load_dataset
+    ds = load_dataset("ml-100k", split="random", seed=0)
+    users = [ds.user_ids[j] for j in (0, 5)]
+    recs = train.recommend(tmp_path / "best.pt", users, k=10)
+    scores = ck["user_emb"][[0, 5]] @ ck["item_emb"].T
+    for r, u in enumerate((0, 5)):
+        scores[r, ds.train[ds.train[:, 0] == u, 1]] = -math.inf
+    assert recs == [[ds.item_ids[i] for i in row] for row in torch.topk(scores, 10, dim=1).indices.tolist()]
+    from glrec_fast import config
+    for bad in (["--model", "mf", "--loss", "bpr"], ["--model", "hybrid", "--loss", "softmax"]):
+        with pytest.raises(ValueError, match="item_bias: true adds an offset"):
+            train.check_config(config.resolve(BASE + bad + ["--item_bias", "true", "--out", str(tmp_path / "x")]))
 
 
 @pytest.mark.parametrize("model", ["mf", "lightgcn", "graphsage", "hybrid"])

@@ -86,21 +86,28 @@ def test_graphsage_sampled_equals_full_with_all_neighbours(graph):
     assert model.ego.weight.grad is not None and model.lin_neigh[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("item_bias", [False, True], ids=["", "item-bias"])
 @pytest.mark.parametrize("cls", [GraphSAGE, SampledLightGCN])
-def test_sampled_softmax_equals_the_full_graph_softmax_with_all_neighbours(graph, cls):
+def test_sampled_softmax_equals_the_full_graph_softmax_with_all_neighbours(graph, cls, item_bias):
     # --loss softmax on sampled blocks: [users | pos | shared negatives] of any count. With fanout -1
     # the loss and every gradient must equal the same softmax on the full-graph embeddings.
     from glrec_fast.models.losses import sampled_softmax
     users, pos, _ = BATCH
     negs = torch.tensor([4, 9, 11, 30, 58, 0, 1])    # 7 shared negatives (!= 5 users), an isolated item
     model = cls(graph, dim=16, fanouts=[-1, -1])
+    bias = None
+    if item_bias:
+        model.add_item_bias(0.2)
+        with torch.no_grad():
+            bias = model.item_bias.weight.normal_()[:, 0]
     model.prefetch(users, pos, negs)                 # what the training loop does one batch ahead
     loss, parts = model.softmax_loss(users, pos, negs, 0.2, 0.0)
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     u, i = model.embeddings()
-    want = sampled_softmax(u[users], i[pos], i[negs], pos, negs, 0.2)
+    want = sampled_softmax(u[users], i[pos], i[negs], pos, negs, 0.2,
+                           *((None, None) if bias is None else (model.item_bias.weight[pos, 0], model.item_bias.weight[negs, 0])))
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     assert torch.isclose(parts["softmax"], want.detach())

@@ -39,8 +39,25 @@ class Recommender(nn.Module):
 
     def sparse_tables(self) -> list[nn.Embedding]:
         """Tables that every training step reads only row by row (through :meth:`rows`), so that
-        their gradients can be row-sparse. Full-graph models read whole tables: none."""
+        their gradients can be row-sparse: the model's ID tables (:meth:`row_tables`) and, beside
+        them, the item bias. Full-graph models read whole tables: none."""
+        tables = self.row_tables()
+        bias = self._modules.get("item_bias")
+        return [*tables, bias] if tables and bias is not None else tables
+
+    def row_tables(self) -> list[nn.Embedding]:
+        """The ID tables a model reads only row by row (MF, sampled models); see :meth:`sparse_tables`."""
         return []
+
+    def add_item_bias(self, temperature: float) -> None:
+        """``--item_bias``: a learned logit offset per item (zeros at first) beside the sampled
+        softmax's ``cosine / temperature`` (``losses.sampled_softmax``), where item popularity has
+        no other way in. Ranking keeps the logit's order: ``cos(u, i) + temperature * b_i``, an
+        inner product once :meth:`export` appends a column to each side."""
+        p = next(self.parameters())
+        self.item_bias = nn.Embedding(self.num_items, 1, device=p.device, dtype=p.dtype)
+        nn.init.zeros_(self.item_bias.weight)
+        self.register_buffer("bias_scale", torch.tensor(float(temperature), device=p.device, dtype=p.dtype))
 
     def rows(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         """``table.weight[ids]``; its gradient is row-sparse when ``row_sparse`` is set."""
@@ -71,9 +88,16 @@ class Recommender(nn.Module):
         """``losses.sampled_softmax`` of each (user, positive) against the shared negatives ``negs``."""
         from .losses import sampled_softmax
         u, p, n = self.batch_embeddings(users, pos, negs)
-        sm = sampled_softmax(u, p, n, pos, negs, temperature)
+        sm = sampled_softmax(u, p, n, pos, negs, temperature, *self.bias_rows(pos, negs))
         reg = sum(t.pow(2).sum() for t in self.ego_params(users, pos, pos[:0])) / (2 * users.numel())
         return sm + reg_weight * reg, {"softmax": sm.detach(), "reg": reg.detach()}
+
+    def bias_rows(self, pos, negs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The item bias of the positives [B] and the shared negatives [N] (``None, None`` without one)."""
+        bias = self._modules.get("item_bias")
+        if bias is None:
+            return None, None
+        return self.rows(bias, pos)[:, 0], self.rows(bias, negs)[:, 0]
 
     @torch.no_grad()
     def init_spectral(self, user: torch.Tensor, item: torch.Tensor, std: float) -> None:
@@ -96,6 +120,10 @@ class Recommender(nn.Module):
         self.train(was)
         if self.cosine:
             u, i = torch.nn.functional.normalize(u, dim=-1), torch.nn.functional.normalize(i, dim=-1)
+        bias = self._modules.get("item_bias")
+        if bias is not None:   # score = [u, 1] . [i, temperature * b]
+            u = torch.cat([u, u.new_ones(u.size(0), 1)], 1)
+            i = torch.cat([i, (self.bias_scale * bias.weight).to(i.dtype)], 1)
         return {"user_emb": u.detach().float().cpu(), "item_emb": i.detach().float().cpu()}
 
     @torch.no_grad()

@@ -59,7 +59,7 @@ class GraphSAGE(SampledTraining, Recommender):
             h = self._layer(t, h[: blocks.sizes[hop]], mean)
         return h
 
-    def sparse_tables(self):
+    def row_tables(self):
         return [self.ego]
 
     def ego_params(self, users, pos, neg):
@@ -101,7 +101,7 @@ class SampledLightGCN(SampledTraining, LightGCN):
     def block_embeddings(self, blocks: Blocks, h0: torch.Tensor | None = None) -> torch.Tensor:
         return lightgcn_sampled(self.block_rows(blocks) if h0 is None else h0, self.graph, blocks)
 
-    def sparse_tables(self):
+    def row_tables(self):
         return [self.ego]
     # embeddings() (evaluation) is LightGCN's: exact full-graph propagation through ops.propagate.
 

@@ -19,7 +19,7 @@ class MF(Recommender):
     def embeddings(self):
         return self.user.weight, self.item.weight
 
-    def sparse_tables(self):
+    def row_tables(self):
         return [self.user, self.item]
 
     def batch_embeddings(self, users, pos, negs):
