@@ -284,3 +284,17 @@ def test_trains_on_ml100k_and_beats_random(tmp_path, model_args):
     floor = _random_ndcg()  # ~0.01
     # 3 epochs on 80k interactions reach ~0.2 (measured 0.219 graphsage, 0.204 sampled LightGCN; random 0.010).
     assert m["test"]["ndcg@20"] > max(5 * floor, 0.08), (m["test"]["ndcg@20"], floor)
+
+
+def test_num_layers_warning_only_when_it_was_changed(graph, caplog):
+    # The default config's num_layers (3, the full-graph LightGCN's) must not warn on every sampled
+    # run; a num_layers the user changed that disagrees with the fanouts does.
+    import logging
+    from glrec_fast import config
+    from glrec_fast.models import graphsage
+    cfg = config.defaults()
+    with caplog.at_level(logging.WARNING, logger="glrec_fast"):
+        graphsage.build(dict(cfg, model="graphsage", fanouts=[10, 10]), None, graph)
+        assert "num_layers" not in caplog.text
+        graphsage.build(dict(cfg, model="graphsage", fanouts=[10, 10], num_layers=4), None, graph)
+        assert "num_layers=4 is not used" in caplog.text

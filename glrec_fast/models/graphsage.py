@@ -108,8 +108,12 @@ class SampledLightGCN(SampledTraining, LightGCN):
 
 def build(cfg: dict, ds, graph) -> Recommender:
     """``--model graphsage`` or ``--model lightgcn --sampled`` from a training config."""
+    from ..config import defaults
     fanouts = cfg["fanouts"]  # validated by the model (sampling.SampledTraining)
-    if isinstance(fanouts, list) and cfg.get("num_layers") is not None and cfg["num_layers"] != len(fanouts):
+    # The default num_layers (the full-graph LightGCN's 3) says nothing about a sampled model: warn
+    # only when it was changed and disagrees with the fanouts.
+    if (isinstance(fanouts, list) and cfg.get("num_layers") not in (None, defaults()["num_layers"])
+            and cfg["num_layers"] != len(fanouts)):
         log.warning("%s: %d layers, one per fanout in fanouts=%s (num_layers=%s is not used by a sampled model)",
                     cfg["model"], len(fanouts), fanouts, cfg["num_layers"])
     if cfg["model"] == "graphsage":
