@@ -185,43 +185,67 @@ def main(argv=None):
 
 
 def merge(a) -> int:
+    """One table from several runs on the same dataset and split: over disjoint seeds, or adding
+    variants to seeds run before (each (variant, seed) once). Settings a file does not record (the
+    older hybrid_score_mix.py wrote fewer) are taken to be the defaults it shared."""
     parts = []
     for p in a.merge:
         with open(p) as f:
             parts.append(json.load(f))
     first = parts[0]["args"]
     for p, part in zip(a.merge, parts):
-        for k in ("dataset", "split", "encoder", "epochs", "lr", "batch_size", "patience", "variants",
-                  "static_coarse", "static_grid"):
-            if part["args"].get(k) != first.get(k):
-                raise SystemExit(f"--merge: {p} was run with {k}={part['args'].get(k)!r}, "
-                                 f"{a.merge[0]} with {first.get(k)!r}")
-    seeds = [s for part in parts for s in part["args"]["seeds"]]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--merge: seeds overlap across files: {seeds}")
-    merged = argparse.Namespace(**{**first, "seeds": seeds, "json": a.json, "merge": a.merge})
-    results = {v: [r for part in parts for r in part["results"][v]] for v in first["variants"]}
-    chosen = [c for part in parts for c in part["chosen"]]
-    return report(merged, results, chosen, sum(part["wall_s"] for part in parts))
+        for k in ("dataset", "split", "encoder", "epochs", "lr", "batch_size", "patience"):
+            if k in part["args"] and k in first and part["args"][k] != first[k]:
+                raise SystemExit(f"--merge: {p} was run with {k}={part['args'][k]!r}, {a.merge[0]} with {first[k]!r}")
+    results, chosen = {}, {}
+    for p, part in zip(a.merge, parts):
+        for v, runs in part["results"].items():
+            for r in runs:
+                if any(q["seed"] == r["seed"] for q in results.get(v, [])):
+                    raise SystemExit(f"--merge: {p} repeats variant {v!r} for seed {r['seed']}")
+                results.setdefault(v, []).append(r)
+        for c in part["chosen"]:
+            chosen.setdefault(c["seed"], {}).update(c)
+    for v in results:
+        results[v].sort(key=lambda r: r["seed"])
+    seeds = sorted(chosen)
+    variants = [v for v in VARIANTS if results.get(v)]
+    known = {}
+    for part in parts:   # what any file recorded (they agree where two recorded the same key)
+        for k, v in part["args"].items():
+            known.setdefault(k, v)
+    known.setdefault("encoder", "minilm")   # hybrid_score_mix.py did not record it; it ran MiniLM
+    merged = argparse.Namespace(**{**known, "seeds": seeds, "variants": variants, "json": a.json, "merge": a.merge})
+    return report(merged, results, [chosen[s] for s in seeds], sum(part["wall_s"] for part in parts))
 
 
 def report(a, results, chosen, wall_s) -> int:
     # A random split holds a handful of cold items: too few to mean anything (DESIGN.md), not shown.
     keys = KEYS if a.split == "cold" else [k for k in KEYS if not k.endswith("/cold")]
 
-    def agg(v, k):
-        vals = [r["test"].get(k, float("nan")) for r in results[v]]
+    def agg(v, k, seeds=None):
+        vals = [r["test"].get(k, float("nan")) for r in results[v] if seeds is None or r["seed"] in seeds]
         return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
+    def seeds_of(v):
+        return {r["seed"] for r in results[v]}
+
     def versus(v, ref):
-        return f"| {v} vs {ref} | " + " | ".join(
-            f"{(agg(v, k)[0] / agg(ref, k)[0] - 1) * 100:+.1f}%" if agg(ref, k)[0] else "n/a" for k in keys) + " |"
+        # Over the seeds both ran (a merged table may hold variants run on different seeds).
+        both = seeds_of(v) & seeds_of(ref)
+        if not both:
+            return f"| {v} vs {ref} | " + " | ".join("no common seed" for _ in keys) + " |"
+        note = "" if both == seeds_of(v) == seeds_of(ref) else f" (seeds {sorted(both)})"
+        return f"| {v} vs {ref}{note} | " + " | ".join(
+            f"{(agg(v, k, both)[0] / agg(ref, k, both)[0] - 1) * 100:+.1f}%" if agg(ref, k, both)[0] else "n/a"
+            for k in keys) + " | |"
 
     lines = [f"Test metrics, {a.dataset} ({a.split} split), encoder {a.encoder}, seeds {a.seeds}, mean ± std", "",
-             "| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+             "| variant | " + " | ".join(keys) + " | seeds |", "|---" * (len(keys) + 2) + "|"]
     for v in VARIANTS:
         if results.get(v):
-            lines.append(f"| {v} | " + " | ".join("%.4f ± %.4f" % agg(v, k) for k in keys) + " |")
+            lines.append(f"| {v} | " + " | ".join("%.4f ± %.4f" % agg(v, k) for k in keys)
+                         + f" | {len(results[v])} |")
     singles = [v for v in SINGLE if results.get(v)]
     if singles:
         best_single = max(singles, key=lambda v: agg(v, "ndcg@20")[0])
@@ -230,6 +254,8 @@ def report(a, results, chosen, wall_s) -> int:
     if statics:   # the gates against the best tuned static mix (embedding or score level)
         best_static = max(statics, key=lambda v: agg(v, "ndcg@20")[0])
         lines += [versus(v, best_static) for v in GATED if results.get(v)]
+        if best_static != "static" and results.get("static"):   # the seed's claim: the gate vs its own level's mix
+            lines += [versus(v, "static") for v in GATED if results.get(v)]
     lines += ["", f"chosen on valid: {chosen}", f"wall time {wall_s:.0f} s"]
     table = "\n".join(lines)
     print(table)
