@@ -110,6 +110,22 @@ def gated_fusion_backward(grad_out, e_graph, e_text, context, gate_weight, gate_
     return (d_eg.to(e_graph.dtype), d_et.to(e_text.dtype), d_w.to(gate_weight.dtype), d_b.to(gate_bias.dtype))
 
 
+# --------------------------------------------------------------------------- sampled softmax
+def sampled_softmax(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, pos_ids: torch.Tensor,
+                    neg_ids: torch.Tensor, temperature: float, pos_bias: torch.Tensor | None = None,
+                    neg_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``models.losses.sampled_softmax`` as plain autograd writes it: cosine logits over a [B, N]
+    negative block masked where a negative is the row's positive, then ``logsumexp``."""
+    u, pos, neg = (torch.nn.functional.normalize(t, dim=-1) for t in (u, pos, neg))
+    pos_logit = (u * pos).sum(-1, keepdim=True) / temperature                  # [B, 1]
+    neg_logit = (u @ neg.T) / temperature                                     # [B, N]
+    if pos_bias is not None:
+        pos_logit, neg_logit = pos_logit + pos_bias[:, None], neg_logit + neg_bias[None, :]
+    neg_logit = neg_logit.masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
+    pos_logit = pos_logit.squeeze(1)
+    return -(pos_logit - torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, 1))).mean()
+
+
 # --------------------------------------------------------------------------- row-sparse Adam
 def row_adam_(param, exp_avg, exp_avg_sq, rows, grad, step_size: float, beta1: float, beta2: float, eps: float,
               bc2_sqrt: float) -> None:

@@ -165,6 +165,32 @@ def test_sampled_softmax_with_item_bias_values_and_gradients():
     assert not torch.isclose(got, losses.sampled_softmax(u, items[pos_ids], items[neg_ids], pos_ids, neg_ids, 0.2))
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["", "item-bias"])
+def test_fused_sampled_softmax_equals_the_plain_autograd_reference(bias):
+    # The one-buffer [B, N] path (losses._NegativeLogSumExp) against reference.sampled_softmax, with
+    # duplicate negatives, several positives colliding with negatives and a row whose positive
+    # appears twice among them; values and every gradient.
+    torch.manual_seed(4)
+    u = torch.randn(33, 8, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(25, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(25, dtype=torch.float64, requires_grad=True)
+    pos_ids, neg_ids = torch.randint(0, 25, (33,)), torch.cat([torch.randint(0, 25, (16,)), torch.tensor([7, 7])])
+    pos_ids[0] = 7
+    wrt = (u, items, b) if bias else (u, items)
+    out = {}
+    for name, fn in (("fused", losses.sampled_softmax), ("reference", reference.sampled_softmax)):
+        extra = (b[pos_ids], b[neg_ids]) if bias else ()
+        loss = fn(u, items[pos_ids], items[neg_ids], pos_ids, neg_ids, 0.1, *extra)
+        out[name] = (loss, torch.autograd.grad(loss, wrt))
+    torch.testing.assert_close(out["fused"][0], out["reference"][0])
+    for g, w in zip(out["fused"][1], out["reference"][1]):
+        torch.testing.assert_close(g, w)
+    loss = losses.sampled_softmax(u, items[pos_ids], items[neg_ids], pos_ids, neg_ids, 0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same loss twice"):
+        loss.backward()
+
+
 def test_item_bias_ranks_as_the_logits_do_and_trains_row_sparse():
     # MF with --item_bias: export's inner product is temperature x the training logit, so ranking by
     # it is ranking by the logit; the bias table is a row-sparse table beside the ID tables.

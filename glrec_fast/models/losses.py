@@ -15,8 +15,11 @@ embedding tables at the graph's smoothest signals instead of noise.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def sampled_softmax(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, pos_ids: torch.Tensor,
@@ -27,18 +30,61 @@ def sampled_softmax(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, pos_i
     ``u``, ``pos``: [B, d] user and positive item vectors; ``neg``: [N, d] shared negatives;
     ``pos_ids`` [B] and ``neg_ids`` [N] are item ids (a negative equal to the positive is masked).
     ``pos_bias`` [B] and ``neg_bias`` [N], when given, are the items' logit offsets (``--item_bias``),
-    added to ``cosine / temperature``.
+    added to ``cosine / temperature``. Equals ``reference.sampled_softmax``; the [B, N] block runs
+    through :class:`_NegativeLogSumExp` (one buffer instead of plain autograd's chain of them).
     """
     if temperature <= 0:
         raise ValueError(f"temperature: expected > 0, got {temperature!r}")
     u, pos, neg = F.normalize(u, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
-    pos_logit = (u * pos).sum(-1, keepdim=True) / temperature                  # [B, 1]
-    neg_logit = (u @ neg.T) / temperature                                     # [B, N]
+    pos_logit = (u * pos).sum(-1) / temperature                               # [B]
     if pos_bias is not None:
-        pos_logit, neg_logit = pos_logit + pos_bias[:, None], neg_logit + neg_bias[None, :]
-    neg_logit = neg_logit.masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
-    pos_logit = pos_logit.squeeze(1)
-    return -(pos_logit - torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, 1))).mean()
+        pos_logit = pos_logit + pos_bias
+    rows, cols = _collisions(pos_ids, neg_ids)
+    lse = _NegativeLogSumExp.apply(u, neg, neg_bias, pos_logit, rows, cols, 1.0 / temperature)
+    return (lse - pos_logit).mean()
+
+
+def _collisions(pos_ids: torch.Tensor, neg_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of every negative equal to its row's positive; few, found without a [B, N] mask."""
+    rows = torch.isin(pos_ids, neg_ids).nonzero().flatten()
+    r, c = (pos_ids[rows, None] == neg_ids[None, :]).nonzero(as_tuple=True)
+    return rows[r], c
+
+
+class _NegativeLogSumExp(torch.autograd.Function):
+    """``lse[b] = log(exp(pos_logit[b]) + sum_j exp(u[b] . neg[j] / t + neg_bias[j]))`` over the
+    negatives not masked at (rows, cols). The [B, N] logits are one GEMM into one buffer,
+    exponentiated in place and reused by the backward, which turns them into the softmax weights
+    in place for its two GEMMs; plain autograd keeps several [B, N] temporaries, and at Gowalla's
+    shapes those passes cost as much as the GEMMs (bench/bench_softmax.py)."""
+
+    @staticmethod
+    def forward(ctx, u, neg, neg_bias, pos_logit, rows, cols, inv_t: float):
+        us = u * inv_t
+        logits = torch.mm(us, neg.t()) if neg_bias is None else torch.addmm(neg_bias[None, :], us, neg.t())
+        logits[rows, cols] = -math.inf
+        m = torch.maximum(logits.amax(1), pos_logit)
+        e = logits.sub_(m[:, None]).exp_()                                   # exp(logit - m), in place
+        s = e.sum(1) + torch.exp(pos_logit - m)
+        ctx.save_for_backward(us, neg, e, s, pos_logit, m)
+        ctx.inv_t, ctx.has_bias, ctx.used = inv_t, neg_bias is not None, False
+        return m + s.log()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        if ctx.used:
+            raise RuntimeError("sampled_softmax: backward through the same loss twice is not supported "
+                               "(its buffer is reused in place); recompute the loss")
+        ctx.used = True
+        us, neg, e, s, pos_logit, m = ctx.saved_tensors
+        w = g / s
+        p = e.mul_(w[:, None])                                               # g * softmax weight
+        grad_u = torch.mm(p, neg).mul_(ctx.inv_t)
+        grad_neg = torch.mm(p.t(), us)
+        grad_bias = p.sum(0) if ctx.has_bias else None
+        grad_pos = w * torch.exp(pos_logit - m)
+        return grad_u, grad_neg, grad_bias, grad_pos, None, None, None
 
 
 @torch.no_grad()
