@@ -47,29 +47,29 @@ FILTER_GRID = {
 # as a new user would run it (the README's earlier recipe: batch 8192, Adam 5e-3).
 TRAINED = {
     "lightgcn-bpr": ["--model", "lightgcn", "--loss", "bpr", "--batch_size", "8192", "--lr", "0.005"],
-    "mf-softmax-spectral": ["--model", "mf", "--loss", "softmax", "--init", "spectral", "--batch_size", "4096",
+    "mf-softmax-spectral": ["--model", "mf", "--loss", "softmax", "--item_bias", "false", "--init", "spectral", "--batch_size", "4096",
                             "--lr", "0.001", "--reg_weight", "0", "--temperature", "0.1", "--num_negatives", "1024"],
-    "mf-softmax": ["--model", "mf", "--loss", "softmax", "--batch_size", "4096", "--lr", "0.001", "--reg_weight", "0",
+    "mf-softmax": ["--model", "mf", "--loss", "softmax", "--item_bias", "false", "--batch_size", "4096", "--lr", "0.001", "--reg_weight", "0",
                    "--temperature", "0.1", "--num_negatives", "1024"],
-    "mf-softmax-spectral-lr5e-3": ["--model", "mf", "--loss", "softmax", "--init", "spectral", "--batch_size", "4096",
+    "mf-softmax-spectral-lr5e-3": ["--model", "mf", "--loss", "softmax", "--item_bias", "false", "--init", "spectral", "--batch_size", "4096",
                                    "--lr", "0.005", "--reg_weight", "0", "--temperature", "0.1",
                                    "--num_negatives", "1024"],
-    "mf-softmax-spectral-lr5e-3-t0.2": ["--model", "mf", "--loss", "softmax", "--init", "spectral",
+    "mf-softmax-spectral-lr5e-3-t0.2": ["--model", "mf", "--loss", "softmax", "--item_bias", "false", "--init", "spectral",
                                         "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0",
                                         "--temperature", "0.2", "--num_negatives", "1024"],
-    "mf-softmax-spectral-lr5e-3-t0.05": ["--model", "mf", "--loss", "softmax", "--init", "spectral",
+    "mf-softmax-spectral-lr5e-3-t0.05": ["--model", "mf", "--loss", "softmax", "--item_bias", "false", "--init", "spectral",
                                          "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0",
                                          "--temperature", "0.05", "--num_negatives", "1024"],
-    "mf256-softmax-spectral-lr5e-3": ["--model", "mf", "--emb_dim", "256", "--loss", "softmax", "--init", "spectral",
+    "mf256-softmax-spectral-lr5e-3": ["--model", "mf", "--emb_dim", "256", "--loss", "softmax", "--item_bias", "false", "--init", "spectral",
                                       "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0",
                                       "--temperature", "0.1", "--num_negatives", "1024"],
-    "mf512-softmax-spectral-lr5e-3": ["--model", "mf", "--emb_dim", "512", "--loss", "softmax", "--init", "spectral",
+    "mf512-softmax-spectral-lr5e-3": ["--model", "mf", "--emb_dim", "512", "--loss", "softmax", "--item_bias", "false", "--init", "spectral",
                                       "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0",
                                       "--temperature", "0.1", "--num_negatives", "1024"],
     # The learning rate decays down a half cosine to 0 over --epochs (the schedule's length is the
     # hyperparameter: the final fit keeps it and its last epoch); validated every 5 epochs.
     **{f"mf256-softmax-spectral-lr5e-3-cosine{e}": [
-        "--model", "mf", "--emb_dim", "256", "--loss", "softmax", "--init", "spectral", "--batch_size", "4096",
+        "--model", "mf", "--emb_dim", "256", "--loss", "softmax", "--item_bias", "false", "--init", "spectral", "--batch_size", "4096",
         "--lr", "0.005", "--reg_weight", "0", "--temperature", "0.1", "--num_negatives", "1024",
         "--lr_schedule", "cosine", "--epochs", str(e), "--eval_every", "5"] for e in (40, 60)},
     # The same with a learned per-item logit offset (--item_bias): cosine logits alone cannot carry
@@ -78,7 +78,7 @@ TRAINED = {
         "--model", "mf", "--emb_dim", "256", "--loss", "softmax", "--item_bias", "true", "--init", "spectral",
         "--batch_size", "4096", "--lr", "0.005", "--reg_weight", "0", "--temperature", "0.1", "--num_negatives", "1024",
         "--lr_schedule", "cosine", "--epochs", str(e), "--eval_every", "5"] for e in (30, 60)},
-    "lightgcn-softmax-spectral": ["--model", "lightgcn", "--loss", "softmax", "--init", "spectral",
+    "lightgcn-softmax-spectral": ["--model", "lightgcn", "--loss", "softmax", "--item_bias", "false", "--init", "spectral",
                                   "--batch_size", "8192", "--lr", "0.001", "--reg_weight", "0",
                                   "--temperature", "0.1", "--num_negatives", "1024"],
 }

@@ -119,6 +119,7 @@ def build_model(cfg, ds, graph: BipartiteGraph, device):
 
 
 MODELS = ("mf", "lightgcn", "graphsage", "hybrid", "gfcf", "bspm")
+ITEM_BIAS_MODELS = ("mf", "lightgcn", "graphsage")   # --item_bias: models scored by one (user, item) inner product
 
 
 def check_config(cfg: dict) -> None:
@@ -172,9 +173,6 @@ def check_config(cfg: dict) -> None:
     for key, value in (("loss", "softmax"), ("init", "spectral")):
         if cfg[key] == value and cfg["model"] in ("gfcf", "bspm"):
             raise ValueError(f"{key}: {value} is for trained models; {cfg['model']} is training-free")
-    if cfg["item_bias"] and (cfg["loss"] != "softmax" or cfg["model"] not in ("mf", "lightgcn", "graphsage")):
-        raise ValueError(f"item_bias: true adds an offset to the sampled softmax's logits of mf | lightgcn | "
-                         f"graphsage; got --model {cfg['model']} --loss {cfg['loss']}")
     if cfg["graph_branch"] in FILTER_BRANCHES and not (cfg["model"] == "hybrid" and cfg["fusion"] == "score"):
         raise ValueError(f"graph_branch: {cfg['graph_branch']} (a fitted filter) mixes with the text branch at score "
                          f"level only; use --model hybrid --fusion score, or a graph branch of "
@@ -188,7 +186,7 @@ def prepare_model(cfg, model, graph) -> None:
         return
     if cfg["loss"] == "softmax":
         model.cosine = True
-        if cfg["item_bias"]:
+        if cfg["item_bias"] and cfg["model"] in ITEM_BIAS_MODELS:
             model.add_item_bias(cfg["temperature"])
     if cfg["init"] == "spectral":
         from .models.losses import spectral_embeddings

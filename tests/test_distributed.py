@@ -177,11 +177,13 @@ def test_row_sparse_gradients_are_averaged_over_ranks():
     assert "rank 0 rows synced" in proc.stdout and "rank 1 rows synced" in proc.stdout
 
 
-def test_two_rank_mf_matches_one_process(tmp_path):
+@pytest.mark.parametrize("loss", ["bpr", "softmax"])
+def test_two_rank_mf_matches_one_process(tmp_path, loss):
     """MF's tables are row-sparse (left out of DDP, synced by all-gather): 2 ranks must train the
-    one-process model, up to the float order of the sums."""
+    one-process model, up to the float order of the sums. The softmax shares each global batch's
+    negatives over the ranks and adds the item-bias table to the synced rows."""
     need_dataset("ml-100k")
-    extra = ["--model", "mf", "--grokking", "false", "--lr", "0.01"]
+    extra = ["--model", "mf", "--grokking", "false", "--lr", "0.01", "--loss", loss]
     proc = run_train(2, tmp_path / "two", extra=extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "glrec_fast.train", *RUN, *extra, "--out", str(tmp_path / "one")],

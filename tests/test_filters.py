@@ -284,7 +284,7 @@ def test_softmax_spectral_route_trains(tmp_path):
 
 def test_item_bias_route_trains_and_recommends(tmp_path):
     need_dataset("ml-100k")
-    args = BASE + ["--model", "mf", "--loss", "softmax", "--item_bias", "true", "--init", "spectral", "--epochs", "3",
+    args = BASE + ["--model", "mf", "--loss", "softmax", "--init", "spectral", "--epochs", "3",
                    "--lr", "0.005",
                    "--reg_weight", "0", "--out", str(tmp_path)]
     assert train.main(args) == 0
@@ -301,10 +301,15 @@ def test_item_bias_route_trains_and_recommends(tmp_path):
     for r, u in enumerate((0, 5)):
         scores[r, ds.train[ds.train[:, 0] == u, 1]] = -math.inf
     assert recs == [[ds.item_ids[i] for i in row] for row in torch.topk(scores, 10, dim=1).indices.tolist()]
+    # It is the default for the softmax; BPR scores and the hybrid's fused scores carry no offset.
     from glrec_fast import config
-    for bad in (["--model", "mf", "--loss", "bpr"], ["--model", "hybrid", "--loss", "softmax"]):
-        with pytest.raises(ValueError, match="item_bias: true adds an offset"):
-            train.check_config(config.resolve(BASE + bad + ["--item_bias", "true", "--out", str(tmp_path / "x")]))
+    for flags, has_bias in ((["--model", "mf", "--loss", "softmax"], True), (["--model", "mf", "--loss", "softmax",
+                            "--item_bias", "false"], False), (["--model", "mf", "--loss", "bpr"], False)):
+        cfg = config.resolve(BASE + flags + ["--out", str(tmp_path / "x")])
+        from glrec_fast.models.mf import MF
+        model = MF(10, 12, 4)
+        train.prepare_model(cfg, model, None)
+        assert ("item_bias" in model._modules) == has_bias, flags
 
 
 @pytest.mark.parametrize("model", ["mf", "lightgcn", "graphsage", "hybrid"])

@@ -79,9 +79,10 @@ def test_best_pt_refers_to_the_runs_data_written_once(lightgcn_run, tmp_path):
     assert train.recommend(tmp_path / "v2.pt", users, k=5) == want
 
 
-def test_resume_reproduces_an_unbroken_run(tmp_path):
+@pytest.mark.parametrize("loss", ["bpr", "softmax"])   # softmax: the item-bias table and its Adam rows resume too
+def test_resume_reproduces_an_unbroken_run(tmp_path, loss):
     need_dataset("ml-100k")
-    args = BASE + ["--model", "mf", "--lr", "0.01", "--patience", "0"]
+    args = BASE + ["--model", "mf", "--lr", "0.01", "--patience", "0", "--loss", loss]
     assert train.main(args + ["--epochs", "2", "--out", str(tmp_path / "a")]) == 0
     assert train.main(args + ["--epochs", "1", "--out", str(tmp_path / "b")]) == 0
     assert train.main(args + ["--epochs", "2", "--out", str(tmp_path / "b"), "--resume"]) == 0
