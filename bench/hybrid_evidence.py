@@ -3,7 +3,7 @@
     python bench/hybrid_evidence.py --dataset amazon-beauty --split random --seeds 0 1 2
     python bench/hybrid_evidence.py --dataset ml-100k --split cold --seeds 0 1 2
     python bench/hybrid_evidence.py --dataset synthetic --synthetic_interactions 1000000 --variants lightgcn content static gated
-    python bench/hybrid_evidence.py --merge A.json B.json --json ALL.json   # runs over disjoint seeds
+    python bench/hybrid_evidence.py --merge A.json B.json --json ALL.json   # disjoint seeds, or variants added to seeds
 
 Per seed, on the same split, every choice made on validation (test is read once per variant):
   lightgcn        LightGCN alone (BPR, early stopping on valid ndcg@20)
