@@ -4,10 +4,10 @@
 
 Shapes of one MF d=256 step (batch 4,096 users and positives, 1,024 or 2,048 shared negatives,
 temperature 0.1, with the learned item bias): the loss on the batch's vectors and the gradients of
-every input. Providers: ``reference`` (reference.sampled_softmax: the plain autograd version, [B, N]
-logits divided, offset, masked, then logsumexp) and ``ours`` (models.losses.sampled_softmax: one
-GEMM into one [B, N] buffer, exponentiated in place and reused by the backward). Same inputs, same
-process; the rows carry ``median_ms``.
+every input. Providers: ``reference`` (reference.sampled_softmax: plain PyTorch as a careful user
+writes it, one ``addmm`` with the offset folded in, an in-place mask, ``cross_entropy``) and ``ours``
+(models.losses.sampled_softmax: one GEMM into one [B, N] buffer, exponentiated in place and reused
+by the backward). Same inputs, same process; the rows carry ``median_ms``.
 """
 import pytest
 import torch

@@ -114,16 +114,20 @@ def gated_fusion_backward(grad_out, e_graph, e_text, context, gate_weight, gate_
 def sampled_softmax(u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, pos_ids: torch.Tensor,
                     neg_ids: torch.Tensor, temperature: float, pos_bias: torch.Tensor | None = None,
                     neg_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``models.losses.sampled_softmax`` as plain autograd writes it: cosine logits over a [B, N]
-    negative block masked where a negative is the row's positive, then ``logsumexp``."""
+    """``models.losses.sampled_softmax`` as a careful user of plain PyTorch writes it: the [B, N]
+    negative logits from one ``addmm`` (offset folded in, temperature on the [B, d] side), masked in
+    place where a negative is the row's positive, then ``cross_entropy`` with the positive first."""
     u, pos, neg = (torch.nn.functional.normalize(t, dim=-1) for t in (u, pos, neg))
-    pos_logit = (u * pos).sum(-1, keepdim=True) / temperature                  # [B, 1]
-    neg_logit = (u @ neg.T) / temperature                                     # [B, N]
-    if pos_bias is not None:
-        pos_logit, neg_logit = pos_logit + pos_bias[:, None], neg_logit + neg_bias[None, :]
-    neg_logit = neg_logit.masked_fill(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
-    pos_logit = pos_logit.squeeze(1)
-    return -(pos_logit - torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, 1))).mean()
+    us = u / temperature
+    pos_logit = (us * pos).sum(-1, keepdim=True)                                # [B, 1]
+    if pos_bias is None:
+        neg_logit = us @ neg.T                                                  # [B, N]
+    else:
+        pos_logit = pos_logit + pos_bias[:, None]
+        neg_logit = torch.addmm(neg_bias[None, :], us, neg.T)
+    neg_logit = neg_logit.masked_fill_(neg_ids[None, :] == pos_ids[:, None], float("-inf"))
+    target = torch.zeros(u.size(0), dtype=torch.long, device=u.device)
+    return torch.nn.functional.cross_entropy(torch.cat([pos_logit, neg_logit], 1), target)
 
 
 # --------------------------------------------------------------------------- row-sparse Adam
