@@ -9,10 +9,13 @@ reports the process's peak resident memory (``ru_maxrss``), which includes data 
 the model, sampling and the full-ranking evaluation.
 
 ``--step_bench N`` trains no epoch: it times N GraphSAGE BPR steps (sampling prefetched one batch
-ahead, forward, backward, RowAdam) on the same batches for each way of aggregating a sampled block,
-interleaved step by step in this one process (this machine drifts): the library's sparse product
-(``sampling.aggregate``), the gather + ``index_add_`` it replaced (``reference.block_aggregate``,
-the library until commit ae066ba), and ``torch.sparse.mm`` with torch's own autograd.
+ahead, forward, backward, RowAdam) on the same batches for each way of forming a layer's input
+``[h_self | mean of sampled neighbours]``, interleaved step by step in this one process (this
+machine drifts): the library's compiled kernel (``ops.block_mean_concat``), the sparse product with
+a prebuilt transposed backward plus a slice and a cat (``sampling.aggregate``, the library until
+this kernel), ``torch.sparse.mm`` with torch's own autograd (the strong plain-PyTorch form), and
+the gather + ``index_add_`` of ``reference.block_mean_concat`` (the library until commit ae066ba).
+The sparse forms build their per-edge mean values (``1 / row count``) in the step.
 """
 from __future__ import annotations
 
@@ -29,23 +32,37 @@ import statistics
 
 import torch
 
-from glrec_fast import config, reference, sampling, train
+from glrec_fast import config, ops, reference, sampling, train
 from glrec_fast.graph import BipartiteGraph
-from glrec_fast.models import graphsage
 
 
-def _gather_aggregate(h, a, at):
-    rows = torch.repeat_interleave(torch.arange(a.size(0)), a.crow_indices().diff())
-    return reference.block_aggregate(h, rows, a.col_indices(), a.values(), a.size(0))
+def _mean_matrices(rowptr, col, t_rowptr, t_col, h):
+    """The block's mean aggregation as CSR matrices both ways (values ``1 / row count``)."""
+    counts = rowptr.diff()
+    inv = 1.0 / counts.clamp(min=1).to(h.dtype)
+    n, m = rowptr.numel() - 1, t_rowptr.numel() - 1
+    a = torch.sparse_csr_tensor(rowptr, col, inv.repeat_interleave(counts, output_size=col.numel()), (n, m))
+    return n, a, torch.sparse_csr_tensor(t_rowptr, t_col, inv[t_col], (m, n))
 
 
-def _torch_sparse_aggregate(h, a, at):
-    return torch.sparse.mm(a, h)   # torch's autograd for the dense operand
+def _sparse_product(h, *csr):
+    n, a, at = _mean_matrices(*csr, h)
+    return torch.cat([h[:n], sampling.aggregate(h, a, at)], 1)
 
 
-PROVIDERS = {"library (sparse product, transposed backward)": sampling.aggregate,
-             "gather + index_add_ aggregation (the form before ae066ba)": _gather_aggregate,
-             "torch.sparse.mm, torch autograd": _torch_sparse_aggregate}
+def _torch_sparse(h, *csr):
+    n, a, _ = _mean_matrices(*csr, h)
+    return torch.cat([h[:n], torch.sparse.mm(a, h)], 1)   # torch's autograd for the dense operand
+
+
+def _gather(h, *csr):
+    return reference.block_mean_concat(*csr, h)
+
+
+PROVIDERS = {"library (compiled block_mean_concat)": ops.block_mean_concat,
+             "sparse product, prebuilt transposed backward, slice + cat": _sparse_product,
+             "torch.sparse.mm, torch autograd, slice + cat": _torch_sparse,
+             "gather + index_add_ (the form before ae066ba)": _gather}
 
 
 def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
@@ -75,7 +92,7 @@ def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
     for j in range(warmup + steps):
         for name, fn in PROVIDERS.items():
             model, opt, times = runs[name]
-            graphsage.aggregate = fn
+            ops.block_mean_concat = fn
             t = time.perf_counter()
             model.prefetch(*batches[j + 1])
             loss, _ = model.loss(*batches[j], cfg["reg_weight"])
@@ -84,7 +101,7 @@ def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
             opt.step()
             if j >= warmup:
                 times.append(time.perf_counter() - t)
-    graphsage.aggregate = sampling.aggregate
+    ops.block_mean_concat = PROVIDERS["library (compiled block_mean_concat)"]
     out = {"build_s": build_s, "batch_size": bs, "steps": steps, "providers": {}}
     base = statistics.median(runs[next(iter(PROVIDERS))][2])
     for name, (_, _, times) in runs.items():

@@ -1,5 +1,6 @@
-"""The public ops: ``propagate``, ``gated_fusion``, ``neighbor_sample``, and ``row_adam_`` (the
-row-sparse optimiser step of ``optim.RowAdam``).
+"""The public ops: ``propagate``, ``gated_fusion``, ``neighbor_sample``, ``block_mean_concat`` (a
+GraphSAGE layer's input on a sampled block), and ``row_adam_`` (the row-sparse optimiser step of
+``optim.RowAdam``).
 
 One op, one name, many devices: each op is defined once here as ``torch.ops.glrec.<name>``; the
 compiled extension (``glrec_fast._C``) registers its C++ (and CUDA) kernels under the same name,
@@ -26,6 +27,11 @@ SCHEMAS = {
                               "-> (Tensor, Tensor, Tensor, Tensor)"),
     "neighbor_sample": ("neighbor_sample(Tensor rowptr, Tensor col, Tensor seeds, int[] fanouts, bool replace=False, "
                         "int seed=0) -> (Tensor[] nodes, Tensor[] rows, Tensor[] cols, Tensor[] edge_ids)"),
+    # [h[:n] | mean of each block row's sampled neighbours]; t_rowptr/t_col (the transposed CSR) serve
+    # the backward.
+    "block_mean_concat": "block_mean_concat(Tensor rowptr, Tensor col, Tensor t_rowptr, Tensor t_col, Tensor h) -> Tensor",
+    "block_mean_concat_backward": ("block_mean_concat_backward(Tensor rowptr, Tensor t_rowptr, Tensor t_col, "
+                                   "Tensor grad) -> Tensor"),
     # optim.RowAdam's step on the rows of a row-sparse gradient, in place (rows unique).
     "row_adam_": ("row_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
                   "float step_size, float beta1, float beta2, float eps, float bc2_sqrt) -> ()"),
@@ -70,6 +76,8 @@ _REFERENCE_KERNELS = {
     "gated_fusion": _ref_gated_fusion_kernel,
     "gated_fusion_backward": reference.gated_fusion_backward,
     "neighbor_sample": _ref_neighbor_sample_kernel,  # not differentiable: no autograd registered
+    "block_mean_concat": reference.block_mean_concat,
+    "block_mean_concat_backward": reference.block_mean_concat_backward,
 }
 
 # CUDA: Triton kernels where Triton imports.
@@ -125,6 +133,16 @@ def _fake_neighbor_sample(rowptr, col, seeds, fanouts, replace=False, seed=0):
 torch.library.register_fake("glrec::grokking_observe")(_ref_grokking_observe_kernel)
 
 
+@torch.library.register_fake("glrec::block_mean_concat")
+def _fake_block_mean_concat(rowptr, col, t_rowptr, t_col, h):
+    return h.new_empty((rowptr.size(0) - 1, 2 * h.size(1)))
+
+
+@torch.library.register_fake("glrec::block_mean_concat_backward")
+def _fake_block_mean_concat_backward(rowptr, t_rowptr, t_col, grad):
+    return grad.new_empty((t_rowptr.size(0) - 1, grad.size(1) // 2))
+
+
 @torch.library.register_fake("glrec::gated_fusion_backward")
 def _fake_gated_fusion_backward(grad_out, e_graph, e_text, context, gate_weight, gate_bias):
     return (torch.empty_like(e_graph), torch.empty_like(e_text), torch.empty_like(gate_weight),
@@ -161,6 +179,20 @@ def _fusion_backward(ctx, grad):
 
 
 torch.library.register_autograd("glrec::gated_fusion", _fusion_backward, setup_context=_fusion_setup)
+
+
+def _block_mean_setup(ctx, inputs, output):
+    rowptr, _col, t_rowptr, t_col, _h = inputs
+    ctx.save_for_backward(rowptr, t_rowptr, t_col)
+
+
+def _block_mean_backward(ctx, grad):
+    rowptr, t_rowptr, t_col = ctx.saved_tensors
+    gh = torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, t_col, grad.contiguous())
+    return None, None, None, None, gh
+
+
+torch.library.register_autograd("glrec::block_mean_concat", _block_mean_backward, setup_context=_block_mean_setup)
 
 
 # --------------------------------------------------------------------------- public wrappers
@@ -234,6 +266,24 @@ def gated_fusion(e_graph, e_text, context, gate_weight, gate_bias) -> torch.Tens
         return reference.gated_fusion(e_graph, e_text, context, gate_weight, gate_bias)
     return torch.ops.glrec.gated_fusion(e_graph.contiguous(), e_text.contiguous(), context.contiguous(),
                                         gate_weight.contiguous(), gate_bias.contiguous())
+
+
+def block_mean_concat(h: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.Tensor,
+                      t_col: torch.Tensor) -> torch.Tensor:
+    """``[h[:n] | mean_{e in row i} h[col[e]]]`` for the ``n = rowptr.numel() - 1`` rows of a block's CSR
+    (``rowptr, col``: ``[n, m]`` over ``h``'s ``m`` rows; a row without edges gets a zero mean), so a
+    GraphSAGE mean-aggregator layer is one GEMM of the result with ``[W_self | W_neigh]``.
+    ``t_rowptr, t_col``: the same edges as the transposed CSR ``[m, n]`` (``sampling.Blocks.mean_csr``
+    gives both), which the backward reads. Differentiable in ``h``. The compiled kernel serves
+    contiguous float32 on the CPU; anything else runs ``reference.block_mean_concat``."""
+    _check_float("h", h, 2)
+    if rowptr.numel() - 1 > h.size(0):
+        raise ValueError(f"rowptr: expected at most h.size(0) + 1 = {h.size(0) + 1} entries, got {rowptr.numel()}")
+    if t_rowptr.numel() != h.size(0) + 1:
+        raise ValueError(f"t_rowptr: expected h.size(0) + 1 = {h.size(0) + 1} entries, got {t_rowptr.numel()}")
+    if _backend.backend() == "reference" or h.dtype != torch.float32:
+        return reference.block_mean_concat(rowptr, col, t_rowptr, t_col, h)
+    return torch.ops.glrec.block_mean_concat(rowptr, col, t_rowptr, t_col, h.contiguous())
 
 
 class SampledSubgraph(NamedTuple):

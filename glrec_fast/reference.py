@@ -149,6 +149,30 @@ def block_aggregate(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, val
     return h.new_zeros((num_rows, h.size(1))).index_add_(0, rows, h[cols] * values.to(h.dtype).unsqueeze(1))
 
 
+def block_mean_concat(rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor,
+                      h: torch.Tensor) -> torch.Tensor:
+    """``[h[:n] | mean over each row's sampled neighbours]`` (``[n, 2d]``, ``n = rowptr.numel() - 1``),
+    the input of a GraphSAGE mean-aggregator layer: a slice, a gather-sum and a cat, differentiable
+    by torch's autograd. ``t_rowptr, t_col`` (the transposed CSR) are the compiled backward's."""
+    n = rowptr.numel() - 1
+    counts = rowptr[1:] - rowptr[:-1]
+    rows = torch.repeat_interleave(torch.arange(n, device=h.device), counts)
+    inv = 1.0 / counts.clamp(min=1).to(h.dtype)
+    return torch.cat([h[:n], block_aggregate(h, rows, col, inv[rows], n)], 1)
+
+
+def block_mean_concat_backward(rowptr: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor,
+                               grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`block_mean_concat` in ``h`` (``[m, d]``, ``m = t_rowptr.numel() - 1``):
+    the self half into the first ``n`` rows plus the mean half spread back over the transposed CSR."""
+    n, m, d = rowptr.numel() - 1, t_rowptr.numel() - 1, grad.size(1) // 2
+    inv = 1.0 / (rowptr[1:] - rowptr[:-1]).clamp(min=1).to(grad.dtype)
+    t_rows = torch.repeat_interleave(torch.arange(m, device=grad.device), t_rowptr[1:] - t_rowptr[:-1])
+    out = block_aggregate(grad[:, d:], t_rows, t_col, inv[t_col], m)
+    out[:n] += grad[:, :d]
+    return out
+
+
 # --------------------------------------------------------------------------- neighbour sampling
 def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor, fanouts,
                     replace: bool = False, seed: int = 0):

@@ -94,32 +94,35 @@ class Blocks:
         return self._cache[key]
 
     def _structure(self, hop: int):
-        """CSR layouts of hop ``0..hop``'s edges both ways: (rowptr, order, t_rowptr, t_cols, mean,
-        t_mean), where the edges as listed (sorted by row) are the CSR ``[sizes[hop], sizes[hop + 1]]``
-        with ``rowptr``, ``order`` lists them by column (the transposed CSR's entries), and ``mean``
-        / ``t_mean`` are the mean aggregator's values (1 / row count) in either order (float32)."""
+        """CSR layouts of hop ``0..hop``'s edges both ways: (rowptr, order, t_rowptr, t_cols), where the
+        edges as listed (sorted by row) are the CSR ``[sizes[hop], sizes[hop + 1]]`` with ``rowptr`` and
+        ``order`` lists them by column (the transposed CSR's entries ``t_cols = rows[order]``)."""
         key = ("csr", hop)
         if key not in self._cache:
             rows, cols = self.edges_upto(hop)
-            counts = self.row_counts(hop)
             rowptr = torch.zeros(self.sizes[hop] + 1, dtype=torch.long, device=rows.device)
-            torch.cumsum(counts, 0, out=rowptr[1:])
+            torch.cumsum(self.row_counts(hop), 0, out=rowptr[1:])
             order = torch.argsort(cols, stable=True)
             t_rowptr = torch.zeros(self.sizes[hop + 1] + 1, dtype=torch.long, device=rows.device)
             torch.cumsum(torch.bincount(cols, minlength=self.sizes[hop + 1]), 0, out=t_rowptr[1:])
-            t_cols = rows[order]
-            inv = 1.0 / counts.clamp(min=1).float()
-            self._cache[key] = (rowptr, order, t_rowptr, t_cols, inv[rows], inv[t_cols])
+            self._cache[key] = (rowptr, order, t_rowptr, rows[order])
         return self._cache[key]
+
+    def mean_csr(self, hop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rowptr, cols, t_rowptr, t_cols)``: hop ``0..hop``'s edges as the CSR ``[sizes[hop],
+        sizes[hop + 1]]`` and its transpose, what ``ops.block_mean_concat`` reads (GraphSAGE's layers)."""
+        rowptr, _, t_rowptr, t_cols = self._structure(hop)
+        return rowptr, self.edges_upto(hop)[1], t_rowptr, t_cols
 
     def aggregation(self, hop: int, values: torch.Tensor | None = None, dtype=torch.float32):
         """``(A, A^T)``: hop ``0..hop``'s edges as a sparse CSR matrix ``[sizes[hop], sizes[hop + 1]]``
         with ``values`` per edge (in ``edges_upto(hop)`` order; default ``1 / row count``, the mean
         over each row's sampled neighbours) and its transpose, for :func:`aggregate`."""
-        _, cols = self.edges_upto(hop)
-        rowptr, order, t_rowptr, t_cols, mean, t_mean = self._structure(hop)
+        rows, cols = self.edges_upto(hop)
+        rowptr, order, t_rowptr, t_cols = self._structure(hop)
         if values is None:
-            values, t_values = mean.to(dtype), t_mean.to(dtype)
+            inv = 1.0 / self.row_counts(hop).clamp(min=1).to(dtype)
+            values, t_values = inv[rows], inv[t_cols]
         else:
             values = values.to(dtype)
             t_values = values[order]

@@ -57,6 +57,66 @@ def test_block_aggregation_equals_the_gather_reference(graph, hop):
         torch.testing.assert_close(gh, wh, msg=name)
 
 
+COMPILED_MEAN = ops.KERNELS["block_mean_concat"]["CPU"] == "C++ (_C)"
+
+
+def test_block_mean_concat_by_hand():
+    # The Blocks of test_mean_aggregation_by_hand: [h_self | mean], node 1 without edges -> zero mean.
+    b = sampling.Blocks(torch.arange(4), [3, 4], [torch.tensor([0, 0, 2])], [torch.tensor([1, 3, 0])],
+                        [torch.zeros(3, dtype=torch.long)], torch.arange(3))
+    h = torch.tensor([[1., 2.], [3., 4.], [5., 6.], [7., 8.]])
+    want = torch.tensor([[1., 2., 5., 6.], [3., 4., 0., 0.], [5., 6., 1., 2.]])
+    assert torch.equal(ops.block_mean_concat(h, *b.mean_csr(0)), want)
+    assert torch.equal(reference.block_mean_concat(*b.mean_csr(0), h), want)
+
+
+@pytest.mark.skipif(not COMPILED_MEAN, reason="compiled extension not built")
+@pytest.mark.parametrize("hop", [0, 1])
+@pytest.mark.parametrize("dim", [64, 6])       # 64: the fixed-width kernel, 6: any width
+def test_block_mean_concat_kernel_equals_reference(graph, hop, dim):
+    # The compiled kernel (float32) and its backward against the plain-torch form in float64.
+    users, pos, neg = BATCH
+    b = sampling.bpr_blocks(graph, users, pos, neg, [3, 4], seed=2)
+    csr = b.mean_csr(hop)
+    assert torch.equal(csr[1], b.edges_upto(hop)[1])
+    h = torch.randn(b.sizes[hop + 1], dim, requires_grad=True)
+    got = ops.block_mean_concat(h, *csr)
+    h64 = h.detach().double().requires_grad_()
+    want = reference.block_mean_concat(*csr, h64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(got)
+    (gh,) = torch.autograd.grad(got, h, g)
+    (wh,) = torch.autograd.grad(want, h64, g.double())
+    torch.testing.assert_close(gh.double(), wh, rtol=1e-6, atol=1e-6)
+    # The reference backward (CUDA's kernel and GLREC_BACKEND=reference's) is the same gradient.
+    torch.testing.assert_close(reference.block_mean_concat_backward(csr[0], csr[2], csr[3], g.double()), wh)
+
+
+@pytest.mark.skipif(not COMPILED_MEAN, reason="compiled extension not built")
+def test_block_mean_concat_bad_input_names_it(graph):
+    users, pos, neg = BATCH
+    b = sampling.bpr_blocks(graph, users, pos, neg, [3, 4], seed=2)
+    rowptr, col, t_rowptr, t_col = b.mean_csr(1)
+    h = torch.randn(b.sizes[2], 8)
+    bad = col.clone()
+    bad[0] = h.size(0)
+    with pytest.raises(RuntimeError, match="column ids must lie in"):
+        torch.ops.glrec.block_mean_concat(rowptr, bad, t_rowptr, t_col, h)
+    unsorted = rowptr.clone()
+    unsorted[1] = col.numel()                     # then rowptr[2] < rowptr[1]
+    with pytest.raises(RuntimeError, match="rowptr must be non-decreasing"):
+        torch.ops.glrec.block_mean_concat(unsorted, col, t_rowptr, t_col, h)
+    with pytest.raises(ValueError, match="t_rowptr: expected"):
+        ops.block_mean_concat(h[:-1], rowptr, col, t_rowptr, t_col)
+    bad_t = t_col.clone()
+    bad_t[0] = rowptr.numel()
+    grad = torch.randn(rowptr.numel() - 1, 16)
+    with pytest.raises(RuntimeError, match="t_rowptr/t_col"):
+        torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, bad_t, grad)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, t_col, grad[:, :15].contiguous())
+
+
 def test_blocks_layout(graph):
     users, pos, neg = BATCH
     b = sampling.bpr_blocks(graph, users, pos, neg, [3, 2], seed=4)

@@ -30,15 +30,10 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/cpu_kernels.h"
+
 namespace glrec {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && \
-    !defined(GLREC_NO_TARGET_CLONES)  // setup.py defines it where the toolchain lacks ifunc
-#define GLREC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GLREC_CLONES
-#endif
 
 inline float fast_sigmoid(float z) {
   // exp(-z) via 2^n * p(r), n = round(-z * log2 e), |r| <= ln2 / 2 (Cephes expf coefficients).

@@ -28,17 +28,10 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/cpu_kernels.h"
+
 namespace glrec {
 namespace {
-
-// The row kernel is compiled for AVX-512 / AVX2 / baseline with runtime dispatch (GCC
-// target_clones), since setup.py builds for the baseline ISA (16-byte vectors).
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && \
-    !defined(GLREC_NO_TARGET_CLONES)  // setup.py defines it where the toolchain lacks ifunc
-#define GLREC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define GLREC_CLONES
-#endif
 
 #ifndef GLREC_PREFETCH_DISTANCE  // overridable for A/B builds (-DGLREC_PREFETCH_DISTANCE=0)
 #define GLREC_PREFETCH_DISTANCE 4
@@ -47,59 +40,13 @@ constexpr int64_t kPrefetchDistance = GLREC_PREFETCH_DISTANCE;  // edges ahead; 
 
 void check_graph(const char* op, const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& dinv,
                  int64_t num_nodes) {
-  TORCH_CHECK(rowptr.device().is_cpu(), op, ": rowptr must be a CPU tensor, got ", rowptr.device());
-  TORCH_CHECK(col.device().is_cpu(), op, ": col must be a CPU tensor, got ", col.device());
+  check_csr(op, "rowptr/col", rowptr, col, num_nodes, num_nodes);
   TORCH_CHECK(dinv.device().is_cpu(), op, ": dinv must be a CPU tensor, got ", dinv.device());
-  TORCH_CHECK(rowptr.scalar_type() == at::kLong, op, ": rowptr must be int64, got ", rowptr.scalar_type());
-  TORCH_CHECK(col.scalar_type() == at::kLong, op, ": col must be int64, got ", col.scalar_type());
   TORCH_CHECK(dinv.scalar_type() == at::kFloat, op, ": dinv must be float32, got ", dinv.scalar_type());
-  TORCH_CHECK(rowptr.dim() == 1 && rowptr.is_contiguous(), op, ": rowptr must be a contiguous 1-d tensor, got shape ",
-              rowptr.sizes());
-  TORCH_CHECK(col.dim() == 1 && col.is_contiguous(), op, ": col must be a contiguous 1-d tensor, got shape ",
-              col.sizes());
   TORCH_CHECK(dinv.dim() == 1 && dinv.is_contiguous(), op, ": dinv must be a contiguous 1-d tensor, got shape ",
               dinv.sizes());
-  TORCH_CHECK(rowptr.numel() == num_nodes + 1, op, ": rowptr must have x.size(0) + 1 = ", num_nodes + 1,
-              " entries, got ", rowptr.numel());
   TORCH_CHECK(dinv.numel() == num_nodes, op, ": dinv must have x.size(0) = ", num_nodes, " entries, got ",
               dinv.numel());
-  // O(N + E) integer checks, a small fraction of the O(K * E * d) float work: a corrupt CSR must
-  // raise, not read out of bounds.
-  const int64_t* rp = rowptr.data_ptr<int64_t>();
-  const int64_t nnz = col.numel();
-  TORCH_CHECK(rp[0] == 0, op, ": rowptr[0] must be 0, got ", rp[0]);
-  TORCH_CHECK(rp[num_nodes] == nnz, op, ": rowptr[-1] must equal col.numel() = ", nnz, ", got ", rp[num_nodes]);
-  bool monotone = true;
-  for (int64_t i = 0; i < num_nodes; ++i) monotone &= rp[i] <= rp[i + 1];
-  TORCH_CHECK(monotone, op, ": rowptr must be non-decreasing");
-  const int64_t* cp = col.data_ptr<int64_t>();
-  const int64_t bad = at::parallel_reduce(
-      0, nnz, 1 << 16, int64_t(0),
-      [&](int64_t b, int64_t e, int64_t acc) {
-        for (int64_t k = b; k < e; ++k) acc += (cp[k] < 0) | (cp[k] >= num_nodes);
-        return acc;
-      },
-      std::plus<int64_t>());
-  TORCH_CHECK(bad == 0, op, ": col must hold node ids in [0, x.size(0) = ", num_nodes, "), found ", bad,
-              " out of range");
-}
-
-// Block boundaries with about equal work each: row r costs (degree + 1).
-std::vector<int64_t> balanced_row_blocks(const int64_t* rp, int64_t n, int64_t num_blocks) {
-  std::vector<int64_t> bounds{0};
-  const int64_t total = rp[n] + n;
-  for (int64_t b = 1; b < num_blocks; ++b) {
-    const int64_t target = total * b / num_blocks;
-    // first row r with rp[r] + r >= target
-    int64_t lo = bounds.back(), hi = n;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (rp[mid] + mid < target) lo = mid + 1; else hi = mid;
-    }
-    if (lo > bounds.back()) bounds.push_back(lo);
-  }
-  if (bounds.back() != n) bounds.push_back(n);
-  return bounds;
 }
 
 // Storage of the gathered tables: float32, or bfloat16 bits (half the bytes per gathered row, which

@@ -23,7 +23,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..sampling import Blocks, SampledTraining, aggregate, lightgcn_sampled
+from .. import ops
+from ..sampling import Blocks, SampledTraining, lightgcn_sampled
 from .base import Recommender
 from .lightgcn import LightGCN
 
@@ -45,8 +46,10 @@ class GraphSAGE(SampledTraining, Recommender):
         self.lin_self = nn.ModuleList(nn.Linear(dim, dim) for _ in range(self.num_layers))
         self.lin_neigh = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(self.num_layers))
 
-    def _layer(self, t: int, h_self: torch.Tensor, h_mean: torch.Tensor) -> torch.Tensor:
-        out = self.lin_self[t](h_self) + self.lin_neigh[t](h_mean)
+    def _layer(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``t`` on ``x = [h_self | h_mean]``: one GEMM with ``[W_self | W_neigh]``."""
+        w = torch.cat([self.lin_self[t].weight, self.lin_neigh[t].weight], 1)
+        out = torch.nn.functional.linear(x, w.to(x.dtype), self.lin_self[t].bias.to(x.dtype))
         return torch.tanh(out) if t < self.num_layers - 1 else out
 
     # ------------------------------------------------------------------ training: sampled blocks
@@ -55,8 +58,7 @@ class GraphSAGE(SampledTraining, Recommender):
         h = self.block_rows(blocks) if h0 is None else h0
         for t in range(self.num_layers):
             hop = self.num_layers - 1 - t  # layer t uses the edges of hops 0..hop
-            mean = aggregate(h, *blocks.aggregation(hop, dtype=h.dtype))
-            h = self._layer(t, h[: blocks.sizes[hop]], mean)
+            h = self._layer(t, ops.block_mean_concat(h, *blocks.mean_csr(hop)))
         return h
 
     def row_tables(self):
@@ -85,7 +87,7 @@ class GraphSAGE(SampledTraining, Recommender):
             parts = []
             for a in range(0, n, self.eval_chunk):  # bounds the temporaries to eval_chunk rows
                 b = min(n, a + self.eval_chunk)
-                parts.append(self._layer(t, h[a:b], torch.sparse.mm(self._mean_adj_rows(a, b), h)))
+                parts.append(self._layer(t, torch.cat([h[a:b], torch.sparse.mm(self._mean_adj_rows(a, b), h)], 1)))
             h = torch.cat(parts) if parts else h
         return h[: self.num_users], h[self.num_users:]
 

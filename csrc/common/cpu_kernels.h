@@ -1,0 +1,71 @@
+// Shared by the CPU kernels: the ISA dispatch attribute and the equal-work row split of a CSR.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+// Row kernels are compiled for AVX-512 / AVX2 / baseline with runtime dispatch (GCC target_clones),
+// since setup.py builds for the baseline ISA (16-byte vectors).
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__)) && \
+    !defined(GLREC_NO_TARGET_CLONES)  // setup.py defines it where the toolchain lacks ifunc
+#define GLREC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GLREC_CLONES
+#endif
+
+namespace glrec {
+
+// Row-block boundaries of a CSR with about equal work each, row r costing (degree + 1): a power-law
+// graph (Gowalla: max degree 1,415, median 13) then splits evenly over at::parallel_for's threads.
+inline std::vector<int64_t> balanced_row_blocks(const int64_t* rp, int64_t n, int64_t num_blocks) {
+  std::vector<int64_t> bounds{0};
+  const int64_t total = rp[n] + n;
+  for (int64_t b = 1; b < num_blocks; ++b) {
+    const int64_t target = total * b / num_blocks;
+    // first row r with rp[r] + r >= target
+    int64_t lo = bounds.back(), hi = n;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (rp[mid] + mid < target) lo = mid + 1; else hi = mid;
+    }
+    if (lo > bounds.back()) bounds.push_back(lo);
+  }
+  if (bounds.back() != n) bounds.push_back(n);
+  return bounds;
+}
+
+// A CSR of `rows` rows over `cols` columns: contiguous int64 on the CPU, rowptr[0] == 0, non-decreasing,
+// rowptr[rows] == col.numel(), every col entry in [0, cols). O(rows + edges) integer checks, a small
+// fraction of the float work over the same edges: a corrupt CSR raises instead of reading out of bounds.
+inline void check_csr(const char* op, const char* name, const at::Tensor& rowptr, const at::Tensor& col, int64_t rows,
+                      int64_t cols) {
+  for (const at::Tensor* t : {&rowptr, &col}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(), op,
+                ": ", name, " must be contiguous 1-d int64 CPU tensors, got ", t->scalar_type(), " of shape ",
+                t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(rowptr.numel() == rows + 1, op, ": ", name, ": rowptr must have ", rows + 1, " entries, got ",
+              rowptr.numel());
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const int64_t nnz = col.numel();
+  TORCH_CHECK(rp[0] == 0, op, ": ", name, ": rowptr[0] must be 0, got ", rp[0]);
+  TORCH_CHECK(rp[rows] == nnz, op, ": ", name, ": rowptr[-1] must equal col.numel() = ", nnz, ", got ", rp[rows]);
+  bool monotone = true;
+  for (int64_t i = 0; i < rows; ++i) monotone &= rp[i] <= rp[i + 1];
+  TORCH_CHECK(monotone, op, ": ", name, ": rowptr must be non-decreasing");
+  const int64_t* cp = col.data_ptr<int64_t>();
+  const int64_t bad = at::parallel_reduce(
+      0, nnz, 1 << 16, int64_t(0),
+      [&](int64_t b, int64_t e, int64_t acc) {
+        for (int64_t k = b; k < e; ++k) acc += (cp[k] < 0) | (cp[k] >= cols);
+        return acc;
+      },
+      std::plus<int64_t>());
+  TORCH_CHECK(bad == 0, op, ": ", name, ": column ids must lie in [0, ", cols, "), found ", bad, " out of range");
+}
+
+}  // namespace glrec
