@@ -30,6 +30,7 @@ SCHEMAS = {
     # [h[:n] | mean of each block row's sampled neighbours]; t_rowptr/t_col (the transposed CSR) serve
     # the backward.
     "block_mean_concat": "block_mean_concat(Tensor rowptr, Tensor col, Tensor t_rowptr, Tensor t_col, Tensor h) -> Tensor",
+    "csr_transpose": "csr_transpose(Tensor rowptr, Tensor col, int num_cols) -> (Tensor, Tensor, Tensor)",
     "block_mean_concat_backward": ("block_mean_concat_backward(Tensor rowptr, Tensor t_rowptr, Tensor t_col, "
                                    "Tensor grad) -> Tensor"),
     # optim.RowAdam's step on the rows of a row-sparse gradient, in place (rows unique).
@@ -77,6 +78,7 @@ _REFERENCE_KERNELS = {
     "gated_fusion_backward": reference.gated_fusion_backward,
     "neighbor_sample": _ref_neighbor_sample_kernel,  # not differentiable: no autograd registered
     "block_mean_concat": reference.block_mean_concat,
+    "csr_transpose": reference.csr_transpose,   # not differentiable: no autograd registered
     "block_mean_concat_backward": reference.block_mean_concat_backward,
 }
 
@@ -136,6 +138,11 @@ torch.library.register_fake("glrec::grokking_observe")(_ref_grokking_observe_ker
 @torch.library.register_fake("glrec::block_mean_concat")
 def _fake_block_mean_concat(rowptr, col, t_rowptr, t_col, h):
     return h.new_empty((rowptr.size(0) - 1, 2 * h.size(1)))
+
+
+@torch.library.register_fake("glrec::csr_transpose")
+def _fake_csr_transpose(rowptr, col, num_cols):
+    return col.new_empty((num_cols + 1,)), col.new_empty(col.shape), col.new_empty(col.shape)
 
 
 @torch.library.register_fake("glrec::block_mean_concat_backward")
@@ -284,6 +291,20 @@ def block_mean_concat(h: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, 
     if _backend.backend() == "reference" or h.dtype != torch.float32:
         return reference.block_mean_concat(rowptr, col, t_rowptr, t_col, h)
     return torch.ops.glrec.block_mean_concat(rowptr, col, t_rowptr, t_col, h.contiguous())
+
+
+def csr_transpose(rowptr: torch.Tensor, col: torch.Tensor, num_cols: int):
+    """``(t_rowptr, t_col, order)``: the transpose of the CSR ``(rowptr, col)`` with ``num_cols`` columns,
+    ``t_col`` holding each edge's row (edges of a column in their original order) and ``order`` their
+    positions in ``col`` (``torch.argsort(col, stable=True)``). One counting sort on the CPU."""
+    for name, t in (("rowptr", rowptr), ("col", col)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.long:
+            raise ValueError(f"{name}: expected a 1-d int64 tensor")
+    if isinstance(num_cols, bool) or not isinstance(num_cols, int) or num_cols < 0:
+        raise ValueError(f"num_cols: expected a non-negative int, got {num_cols!r}")
+    if _backend.backend() == "reference":
+        return reference.csr_transpose(rowptr, col, num_cols)
+    return torch.ops.glrec.csr_transpose(rowptr.contiguous(), col.contiguous(), num_cols)
 
 
 class SampledSubgraph(NamedTuple):

@@ -149,6 +149,16 @@ def block_aggregate(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, val
     return h.new_zeros((num_rows, h.size(1))).index_add_(0, rows, h[cols] * values.to(h.dtype).unsqueeze(1))
 
 
+def csr_transpose(rowptr: torch.Tensor, col: torch.Tensor, num_cols: int):
+    """``(t_rowptr, t_col, order)``: the transposed CSR of ``(rowptr, col)`` (``t_col`` lists each edge's
+    row, edges grouped by column in their original order) and ``order = argsort(col, stable=True)``."""
+    rows = torch.repeat_interleave(torch.arange(rowptr.numel() - 1, device=col.device), rowptr.diff())
+    order = torch.argsort(col, stable=True)
+    t_rowptr = torch.zeros(num_cols + 1, dtype=torch.long, device=col.device)
+    torch.cumsum(torch.bincount(col, minlength=num_cols), 0, out=t_rowptr[1:])
+    return t_rowptr, rows[order], order
+
+
 def block_mean_concat(rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor,
                       h: torch.Tensor) -> torch.Tensor:
     """``[h[:n] | mean over each row's sampled neighbours]`` (``[n, 2d]``, ``n = rowptr.numel() - 1``),

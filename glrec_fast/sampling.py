@@ -102,10 +102,8 @@ class Blocks:
             rows, cols = self.edges_upto(hop)
             rowptr = torch.zeros(self.sizes[hop] + 1, dtype=torch.long, device=rows.device)
             torch.cumsum(self.row_counts(hop), 0, out=rowptr[1:])
-            order = torch.argsort(cols, stable=True)
-            t_rowptr = torch.zeros(self.sizes[hop + 1] + 1, dtype=torch.long, device=rows.device)
-            torch.cumsum(torch.bincount(cols, minlength=self.sizes[hop + 1]), 0, out=t_rowptr[1:])
-            self._cache[key] = (rowptr, order, t_rowptr, rows[order])
+            t_rowptr, t_cols, order = ops.csr_transpose(rowptr, cols, self.sizes[hop + 1])
+            self._cache[key] = (rowptr, order, t_rowptr, t_cols)
         return self._cache[key]
 
     def mean_csr(self, hop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

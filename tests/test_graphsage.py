@@ -117,6 +117,25 @@ def test_block_mean_concat_bad_input_names_it(graph):
         torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, t_col, grad[:, :15].contiguous())
 
 
+@pytest.mark.skipif(not COMPILED_MEAN, reason="compiled extension not built")
+@pytest.mark.parametrize("hop", [0, 1])
+def test_csr_transpose_equals_stable_argsort(graph, hop):
+    users, pos, neg = BATCH
+    b = sampling.bpr_blocks(graph, users, pos, neg, [3, 4], seed=2)
+    rows, cols = b.edges_upto(hop)
+    rowptr = b.mean_csr(hop)[0]
+    t_rowptr, t_col, order = ops.csr_transpose(rowptr, cols, b.sizes[hop + 1] + 3)   # 3 empty columns
+    assert torch.equal(order, torch.argsort(cols, stable=True))
+    assert torch.equal(t_col, rows[order])
+    assert torch.equal(t_rowptr.diff(), torch.bincount(cols, minlength=b.sizes[hop + 1] + 3))
+    for got, want in zip((t_rowptr, t_col, order), reference.csr_transpose(rowptr, cols, b.sizes[hop + 1] + 3)):
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="column ids must lie in"):
+        ops.csr_transpose(rowptr, cols, int(cols.max()))
+    with pytest.raises(ValueError, match="num_cols"):
+        ops.csr_transpose(rowptr, cols, -1)
+
+
 def test_blocks_layout(graph):
     users, pos, neg = BATCH
     b = sampling.bpr_blocks(graph, users, pos, neg, [3, 2], seed=4)
