@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 
 import pytest
@@ -161,3 +162,16 @@ def test_no_import_cycles():
         return any(n == dst or (n not in seen and not seen.add(n) and reaches(n, dst, seen)) for n in edges[src])
     cycles = sorted(m for m in edges if reaches(m, m, set()))
     assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_sdist_carries_every_extension_source(tmp_path):
+    # setup.py lists only the .cpp files it compiles; headers and CUDA sources reach an sdist through
+    # MANIFEST.in, without which an sdist build fails on its first #include "../common/...".
+    # egg_info into tmp_path: a SOURCES.txt left in the tree by an earlier build would carry its file list.
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "-e", str(tmp_path), "sdist", "-d", str(tmp_path)],
+                   cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+    (archive,) = tmp_path.glob("glrec_fast-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {pathlib.PurePosixPath(*pathlib.PurePosixPath(n).parts[1:]).as_posix() for n in tar.getnames()}
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "csrc").rglob("*") if p.is_file()}
+    assert sources and sources <= shipped, sorted(sources - shipped)
