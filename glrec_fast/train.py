@@ -114,7 +114,7 @@ def build_model(cfg, ds, graph: BipartiteGraph, device):
         return hybrid.build(cfg, ds, graph, device)
     if name in ("gfcf", "bspm"):
         from .models import filters
-        return filters.build(cfg, graph)
+        return filters.build(cfg, graph, ds)
     raise ValueError(f"model: unknown {name!r}; expected {' | '.join(MODELS)}")
 
 
@@ -540,6 +540,8 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
              "train_time_s": time.time() - t0}
     if hasattr(model, "gate_report"):
         extra["gates"] = model.gate_report()  # mean share of the graph branch per context
+    if hasattr(getattr(model, "graph_model", None), "hparams"):
+        extra["filter"] = model.graph_model.hparams    # the score hybrid's filter branch (as --model gfcf reports)
     if main_rank:
         for cb in callbacks:
             extra.update(cb.on_end(model=model, out=out) or {})

@@ -404,6 +404,7 @@ def test_cli_score_hybrid_with_filter_branch_on_the_cold_split(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     a = m["gates"]["score/graph_weight"]
     assert 0.0 <= a <= 1.0 and m["test"]["n_users/cold"] > 0
+    assert m["filter"]["rank"] == 16 and m["filter"]["sharpen_time"] == 0.0
     ck = train.load_export(out / "best.pt")
     scorer = train.scorer_from_export(ck)
     assert scorer.weight == pytest.approx(a)
@@ -415,6 +416,15 @@ def test_cli_score_hybrid_with_filter_branch_on_the_cold_split(tmp_path):
     text_only = EmbeddingScorer(ck["text_branch"]["user_emb"], ck["text_branch"]["item_emb"])
     if a < 1.0:
         assert got["ndcg@20/cold"] == metrics.evaluate(text_only, ds.test, ds.num_users, ds.num_items, **kw)["ndcg@20/cold"]
+    # --tune_filter: the branch's setting is the one the grid ranks first on this validation split.
+    tuned = tmp_path / "tuned"
+    assert train.main(SMALL_HYBRID + ["--split", "cold", "--fusion", "score", "--graph_branch", "gfcf", "--epochs", "1",
+                                      "--tune_filter", "true", "--grokking", "false", "--out", str(tuned)]) == 0
+    from glrec_fast.models import filters
+    best = filters.grid_search(graph, ds.valid, exclude=[ds.train], ranks=(128, 150),
+                               ideal_weights=filters.TUNE_IDEAL_WEIGHTS, num_users=None)[0]
+    chosen = json.loads((tuned / "metrics.json").read_text())["filter"]
+    assert (chosen["rank"], chosen["ideal_weight"]) == (best["rank"], best["ideal_weight"])
     # recommend() ranks with the same mix (training items masked).
     users = ck["user_ids"][:4]
     recs = train.recommend(out / "best.pt", users, k=5)

@@ -24,6 +24,7 @@ ground truth for tests.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -31,6 +32,8 @@ import torch
 from torch import nn
 
 SOLVERS = ("euler", "rk4")
+
+log = logging.getLogger(__name__)
 
 
 def sharpen_poly(solver: str, steps: int, time: float) -> list[float]:
@@ -228,8 +231,38 @@ class _FilterScorer:
         return _FilterScorer(self.model, *self.model.reordered(order))
 
 
-def build(cfg, graph) -> GraphFilter:
-    """``--model gfcf`` (sharpening off unless ``sharpen_time`` is set) or ``--model bspm``."""
+TUNE_RANKS = (128, 256, 512)
+TUNE_IDEAL_WEIGHTS = (0.1, 0.3, 0.5)
+TUNE_SHARPEN_TIMES = (1.5, 2.5)     # bspm: one RK4 step over [0, T]
+
+
+def tune(cfg, graph, valid: torch.Tensor, exclude=()) -> dict:
+    """``--tune_filter``: the config with ``filter_rank``, ``ideal_weight`` (and for bspm the sharpening)
+    chosen on ``valid`` by :func:`grid_search` over ``TUNE_*`` (every validation user scored);
+    ``cfg["filter_tuning"]`` keeps the grid's table, best first."""
+    if valid.numel() == 0:
+        raise ValueError("tune_filter: the validation split is empty (a given train/test split has none: add "
+                         "--valid_fraction 0.1 to carve one out of train)")
+    ranks = tuple(sorted({min(k, graph.num_items) for k in TUNE_RANKS}))   # a small graph has fewer
+    sharpen = (tuple(("rk4", 1, t) for t in TUNE_SHARPEN_TIMES) if cfg["model"] == "bspm"
+               else (("euler", 1, 0.0),))
+    table = grid_search(graph, valid, exclude=exclude, ranks=ranks, ideal_weights=TUNE_IDEAL_WEIGHTS,
+                        sharpen=sharpen, num_users=None, seed=cfg["seed"])
+    best = table[0]
+    log.info("tune_filter: %s with K=%d, w=%.1f, sharpening %s T=%.1f: valid ndcg@20 %.4f (best of %d on the grid)",
+             cfg["model"], best["rank"], best["ideal_weight"], best["sharpen_solver"], best["sharpen_time"],
+             best["ndcg@20"], len(table))
+    return dict(cfg, filter_rank=best["rank"], ideal_weight=best["ideal_weight"], sharpen_time=best["sharpen_time"],
+                sharpen_steps=best["sharpen_steps"], sharpen_solver=best["sharpen_solver"], filter_tuning=table)
+
+
+def build(cfg, graph, ds=None) -> GraphFilter:
+    """``--model gfcf`` (sharpening off unless ``sharpen_time`` is set) or ``--model bspm``; with
+    ``tune_filter`` the hyperparameters come from :func:`tune` on ``ds.valid``."""
+    if cfg.get("tune_filter"):
+        if ds is None:
+            raise ValueError("tune_filter: needs the dataset (its validation split) to choose on")
+        cfg = tune(cfg, graph, ds.valid, exclude=[ds.train])
     return GraphFilter(graph, rank=cfg["filter_rank"], ideal_weight=cfg["ideal_weight"],
                        sharpen_time=cfg["sharpen_time"] if cfg["model"] == "bspm" else 0.0,
                        sharpen_steps=cfg["sharpen_steps"], sharpen_solver=cfg["sharpen_solver"],

@@ -166,7 +166,7 @@ def build(cfg: dict, ds, graph, device) -> ScoreHybrid:
     branch = cfg["graph_branch"]
     if branch in FILTER_BRANCHES:
         from . import filters
-        graph_model = filters.build(dict(cfg, model=branch), graph).fit()
+        graph_model = filters.build(dict(cfg, model=branch), graph, ds).fit()
     elif branch == "graphsage":
         from . import graphsage
         graph_model = graphsage.build(dict(cfg, model="graphsage"), ds, graph)
