@@ -70,6 +70,20 @@ def _check_pairs(name: str, pairs: torch.Tensor, num_users: int, num_items: int)
         raise ValueError(f"{name}: ids out of range for num_users={num_users}, num_items={num_items}")
 
 
+class TileScorer:
+    """The scorer of one user batch whose ``[batch, items]`` tile is already computed, handed to
+    ``evaluate`` without a copy (it masks the tile in place): for loops that rank many settings of
+    the same users (``filters.grid_search``, ``hybrid.tune_score_weight``), each with a new tile."""
+
+    fresh_tiles = True
+
+    def __init__(self, tile: torch.Tensor):
+        self.tile = tile
+
+    def __call__(self, users: torch.Tensor) -> torch.Tensor:
+        return self.tile
+
+
 class EmbeddingScorer:
     """``users -> user_emb[users] @ item_emb.T``: the scorer of every embedding model.
 

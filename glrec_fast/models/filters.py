@@ -320,7 +320,7 @@ def grid_search(graph, valid: torch.Tensor, exclude=(), ranks=(256,), ideal_weig
                 tile = torch.addmm(lin.T, t[:, :k], wk, alpha=w)
             else:
                 tile = lin.T.contiguous()
-            m = metrics.evaluate(lambda us, tile=tile: tile, vb, graph.num_users, graph.num_items,
+            m = metrics.evaluate(metrics.TileScorer(tile), vb, graph.num_users, graph.num_items,
                                  exclude=[e[torch.isin(e[:, 0], ub)] for e in exclude], ks=(20,),
                                  batch_size=ub.numel())
             for name, val in m.items():

@@ -549,7 +549,7 @@ def tune_score_weight(graph_scorer, text_scorer, valid: torch.Tensor, num_users:
         ex = [e[torch.isin(e[:, 0], ub)] for e in exclude]
         for j, a in enumerate(grid):
             tile = zg * a + zt * (1.0 - a)
-            m = metrics.evaluate(lambda us, tile=tile: tile, vb, num_users, num_items, exclude=ex, ks=(20,),
+            m = metrics.evaluate(metrics.TileScorer(tile), vb, num_users, num_items, exclude=ex, ks=(20,),
                                  batch_size=ub.numel())
             for name, v in m.items():
                 if name != "n_users" and v == v:
