@@ -380,6 +380,13 @@ def test_score_hybrid_trains_both_branches_and_tunes_on_valid():
     a = m.tune(valid)
     want, _ = tune_score_weight(*m.branch_scorers(), valid, g.num_users, g.num_items, grid=HYBRID_GRID)
     assert a == want and float(m.weight) == pytest.approx(a) and m.scorer().weight == pytest.approx(a)
+    # With more validation users than max_users, the weight is chosen on a seeded sample of them.
+    k = g.num_users // 3
+    a_k = m.tune(valid, max_users=k, seed=5)
+    pick = torch.unique(valid[:, 0])[torch.randperm(g.num_users, generator=torch.Generator().manual_seed(5))[:k]]
+    sample = valid[torch.isin(valid[:, 0], pick)]
+    want_k, table_k = tune_score_weight(*m.branch_scorers(), sample, g.num_users, g.num_items, grid=HYBRID_GRID)
+    assert a_k == want_k and m.tuning == table_k
     # Valid items that only the graph branch ranks first: the hybrid still keeps some text (a < 1),
     # so cold items are never left to ties.
     gs, _ = m.branch_scorers()
