@@ -334,7 +334,7 @@ def test_spectral_init_for_every_trainable_model(model, tmp_path):
 
 def test_tune_filter_chooses_on_validation(tmp_path):
     # --tune_filter: the CLI fits the setting filters.grid_search ranks first on the validation split
-    # (never on test), and that setting scores the validation split at least as well as the defaults.
+    # (never on test).
     need_dataset("ml-100k")
     assert train.main(BASE + ["--model", "bspm", "--tune_filter", "true", "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
@@ -347,7 +347,7 @@ def test_tune_filter_chooses_on_validation(tmp_path):
     best = table[0]
     assert {k: m["filter"][k] for k in ("rank", "ideal_weight", "sharpen_time")} == \
         {k: best[k] for k in ("rank", "ideal_weight", "sharpen_time")}
-    default = next(r for r in table if (r["rank"], r["ideal_weight"], r["sharpen_time"]) == (256, 0.3, 2.5))
-    assert best["ndcg@20"] >= default["ndcg@20"]
+    # Validation's choice is not the defaults here, so an ignored flag would fail the check above.
+    assert (best["rank"], best["ideal_weight"], best["sharpen_time"]) != (256, 0.3, 2.5)
     with pytest.raises(ValueError, match="validation split is empty"):
         filters.tune({"model": "gfcf", "seed": 0}, g, ds.valid[:0], exclude=[ds.train])

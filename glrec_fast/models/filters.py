@@ -238,8 +238,7 @@ TUNE_SHARPEN_TIMES = (1.5, 2.5)     # bspm: one RK4 step over [0, T]
 
 def tune(cfg, graph, valid: torch.Tensor, exclude=()) -> dict:
     """``--tune_filter``: the config with ``filter_rank``, ``ideal_weight`` (and for bspm the sharpening)
-    chosen on ``valid`` by :func:`grid_search` over ``TUNE_*`` (every validation user scored);
-    ``cfg["filter_tuning"]`` keeps the grid's table, best first."""
+    chosen on ``valid`` by :func:`grid_search` over ``TUNE_*`` (every validation user scored)."""
     if valid.numel() == 0:
         raise ValueError("tune_filter: the validation split is empty (a given train/test split has none: add "
                          "--valid_fraction 0.1 to carve one out of train)")
@@ -253,7 +252,7 @@ def tune(cfg, graph, valid: torch.Tensor, exclude=()) -> dict:
              cfg["model"], best["rank"], best["ideal_weight"], best["sharpen_solver"], best["sharpen_time"],
              best["ndcg@20"], len(table))
     return dict(cfg, filter_rank=best["rank"], ideal_weight=best["ideal_weight"], sharpen_time=best["sharpen_time"],
-                sharpen_steps=best["sharpen_steps"], sharpen_solver=best["sharpen_solver"], filter_tuning=table)
+                sharpen_steps=best["sharpen_steps"], sharpen_solver=best["sharpen_solver"])
 
 
 def build(cfg, graph, ds=None) -> GraphFilter:
