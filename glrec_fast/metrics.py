@@ -121,6 +121,37 @@ def _relabel(pairs: torch.Tensor, rank: torch.Tensor | None) -> torch.Tensor:
     return pairs if rank is None else torch.stack([pairs[:, 0], rank[pairs[:, 1]]], 1)
 
 
+def ranked_metrics(top: torch.Tensor, users: torch.Tensor, test_keys: torch.Tensor, n_rel: torch.Tensor,
+                   num_items: int, ks, discount: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+    """Per-user ``{(metric, k): [b] values}`` of ranked lists ``top`` [b, <= kmax] (item ids, best
+    first) against the sorted ``test_keys`` (``user * num_items + item``); ``n_rel`` [b] counts each
+    user's relevant items (> 0 wherever a value is used); ``discount`` [kmax] is ``1 / log2(rank + 1)``."""
+    dev, kmax = top.device, discount.numel()
+    test_keys = test_keys.to(dev)
+    keys = users.to(dev)[:, None] * num_items + top
+    pos = torch.searchsorted(test_keys, keys).clamp(max=max(test_keys.numel() - 1, 0))
+    hits = (test_keys[pos] == keys).float()
+    if hits.size(1) < kmax:  # a context with fewer items than kmax: the missing ranks hold nothing
+        hits = torch.nn.functional.pad(hits, (0, kmax - hits.size(1)))
+    out = {}
+    for k in ks:
+        kk = min(k, kmax)
+        h = hits[:, :kk]
+        nh = h.sum(1)
+        dcg = (h * discount[:kk]).sum(1)
+        ideal_len = torch.clamp(n_rel, max=kk)
+        idcg = torch.cumsum(discount[:kk], 0)[(ideal_len - 1).clamp(min=0)]
+        first = torch.where(h.any(1), h.argmax(1).float() + 1.0, torch.full_like(nh, math.inf))
+        out.update({("recall", k): nh / n_rel.clamp(min=1), ("precision", k): nh / k, ("ndcg", k): dcg / idcg,
+                    ("hit", k): (nh > 0).float(), ("mrr", k): 1.0 / first})
+    return out
+
+
+def discounts(kmax: int, device=None) -> torch.Tensor:
+    """``1 / log2(rank + 1)`` for ranks 1..kmax."""
+    return 1.0 / torch.log2(torch.arange(kmax, device=device, dtype=torch.float32) + 2.0)
+
+
 @torch.no_grad()
 def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tensor, num_users: int,
              num_items: int, exclude: Iterable = (), ks: Iterable[int] = (10, 20),
@@ -231,7 +262,7 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
                 col = rank[col]
             scores[row.to(dev), col.to(dev)] = -math.inf
         if discount.numel() != kmax or discount.device != dev:
-            discount = 1.0 / torch.log2(torch.arange(kmax, device=dev, dtype=torch.float32) + 2.0)
+            discount = discounts(kmax, dev)
         # One top-k per base range: (values, relabelled item ids).
         tops = {}
         for b, (lo, hi) in bases.items():
@@ -253,29 +284,9 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
                 idx = torch.cat([p[1] for p in parts], 1)
                 kc = min(kmax, vals.size(1))
                 top = idx.gather(1, torch.topk(vals, kc, dim=1).indices)
-            keys = users.to(dev)[:, None] * num_items + top
-            pos = torch.searchsorted(test_keys.to(dev), keys).clamp(max=max(test_keys.numel() - 1, 0))
-            hits = (test_keys.to(dev)[pos] == keys).float()
-            if hits.size(1) < kmax:  # a context with fewer items than kmax: the missing ranks hold nothing
-                hits = torch.nn.functional.pad(hits, (0, kmax - hits.size(1)))
             counts_t[cidx[cname]] += int(has.sum())
-            for k in ks:
-                kk = min(k, kmax)
-                h = hits[:, :kk]
-                nh = h.sum(1)
-                dcg = (h * discount[:kk]).sum(1)
-                ideal_len = torch.clamp(n_rel, max=kk)
-                idcg = torch.cumsum(discount[:kk], 0)[(ideal_len - 1).clamp(min=0)]
-                first = torch.where(h.any(1), h.argmax(1).float() + 1.0, torch.full_like(nh, math.inf))
-                vals_m = {
-                    "recall": nh / n_rel.clamp(min=1),
-                    "precision": nh / k,
-                    "ndcg": dcg / idcg,
-                    "hit": (nh > 0).float(),
-                    "mrr": 1.0 / first,
-                }
-                for m, v in vals_m.items():
-                    batch_sums[bi, key_col[(m, k, cname)]] = float(v[has].sum())
+            for (m, k), v in ranked_metrics(top, users, test_keys, n_rel, num_items, ks, discount).items():
+                batch_sums[bi, key_col[(m, k, cname)]] = float(v[has].sum())
     if reduce is not None:
         batch_sums, counts_t = reduce(batch_sums), reduce(counts_t)
     totals = [0.0] * len(keys_)

@@ -49,6 +49,30 @@ def test_filter_equals_dense_reference(kw):
     torch.testing.assert_close(f.scorer().reorder(order)(users), f.scores(users)[:, order], rtol=1e-5, atol=1e-6)
 
 
+def test_memoised_scores_are_the_filter_scores():
+    """memoise(): repeated users come from memory, exactly, in fresh tiles; past the capacity users are
+    recomputed; a reordered scorer permutes the memoised rows."""
+    _, g = _graph()
+    f = filters.GraphFilter(g, rank=8, ideal_weight=0.3, sharpen_time=1.0, sharpen_solver="rk4").fit()
+    want = f.scores(torch.arange(g.num_users))
+    f.memoise(max_bytes=4 * g.num_items * 10)          # room for 10 users
+    sc = f.scorer()
+    first = torch.tensor([5, 3, 5, 40, 7, 0, 1, 2, 9, 11, 12, 13, 14])   # a repeat; more users than room
+    got = sc(first)
+    kept = got.clone()
+    torch.testing.assert_close(got, want[first], rtol=1e-6, atol=1e-7)
+    stored = torch.tensor([0, 1, 2, 3, 5, 7, 9, 11, 12, 13])    # the first 10 distinct users, ascending
+    assert f._memo_used == 10 and torch.equal(torch.nonzero(f._memo_slot >= 0).flatten(), stored)
+    got.fill_(7.0)                                     # the caller may write into its tile
+    again = torch.tensor([14, 40, 5, 96, 3])           # recomputed (past the room) and memoised
+    out = sc(again)
+    assert torch.equal(out[[2, 4]], kept[[0, 1]])      # served from memory: the first call's bits
+    torch.testing.assert_close(out, want[again], rtol=1e-6, atol=1e-7)
+    order = torch.randperm(g.num_items)
+    torch.testing.assert_close(sc.reorder(order)(again), want[again][:, order], rtol=1e-6, atol=1e-7)
+    assert torch.equal(sc.reorder(order)(stored)[:, torch.argsort(order)], sc(stored))
+
+
 def test_singular_vectors_match_a_dense_svd():
     _, g = _graph()
     r, _, _, _ = filters.normalised_csr(g)

@@ -1,5 +1,6 @@
 """FusedHybridRec: gate semantics, cold-start routing, cold simulation, the grokking prior, errors."""
 import json
+import math
 
 import pytest
 import torch
@@ -281,6 +282,47 @@ def test_score_weight_search_picks_the_best_validation_weight(true_weight):
     best, table = tune_score_weight(lambda u: G[u], lambda u: T[u], valid, U, I, batch_size=64)
     assert best == pytest.approx(true_weight)
     assert len(table) == 21 and dict(table)[true_weight]["ndcg@20"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("candidates", [20, 60, 400])
+def test_mixed_top_k_is_the_full_ranking(candidates):
+    """Every weight's top 20 from the candidate union (and its per-user fallback) equals the top 20 of
+    the full mixed tile, with excluded (-inf) items at weights 0 and 1 too."""
+    from glrec_fast.models.hybrid import mixed_top_k
+    torch.manual_seed(3)
+    b, n = 64, 500
+    zg, zt = torch.randn(b, n), torch.randn(b, n)
+    zt[:8] = zg[:8] * -1.0 + 0.01 * zt[:8]      # branches that disagree: the candidate bound fails there
+    ex = torch.rand(b, n) < 0.1
+    zg[ex] = zt[ex] = -math.inf
+    weights = [0.0, 0.05, 0.5, 0.95, 1.0]
+    for a, top in zip(weights, mixed_top_k(zg, zt, weights, 20, candidates)):
+        full = zg * a + zt * (1 - a) if 0 < a < 1 else (zg if a == 1 else zt)
+        want = torch.topk(full, 20, dim=1)
+        assert torch.equal(full.gather(1, top), want.values), a
+        assert torch.equal(top.sort(1).values, want.indices.sort(1).values), a
+
+
+def test_score_weight_search_equals_full_tile_ranking():
+    """tune_score_weight's table (candidate top-k, exclusions masked once per batch) equals the dense
+    ground truth: reference.evaluate of every weight's full mixed tile."""
+    from glrec_fast import reference
+    from glrec_fast.models.hybrid import ScoreFusion, tune_score_weight
+    torch.manual_seed(2)
+    U, I = 120, 700
+    G, T = torch.randn(U, I) * 3 + 1, torch.rand(U, I)
+    train_pairs = torch.stack([torch.arange(U).repeat_interleave(30), torch.randint(0, I, (U * 30,))], 1)
+    valid = torch.stack([torch.arange(U).repeat_interleave(3), torch.randint(0, I, (U * 3,))], 1)
+    valid = valid[~torch.isin(valid[:, 0] * I + valid[:, 1], train_pairs[:, 0] * I + train_pairs[:, 1])]
+    grid = [0.0, 0.3, 0.65, 1.0]
+    best, table = tune_score_weight(lambda u: G[u], lambda u: T[u], valid, U, I, exclude=[train_pairs],
+                                    grid=grid, batch_size=50, candidates=40)
+    for a, got in table:
+        want = reference.evaluate(ScoreFusion(lambda u: G[u], lambda u: T[u], a), valid, U, I,
+                                  exclude=[train_pairs], ks=(20,))
+        for key in ("recall@20", "ndcg@20", "precision@20", "hit@20", "mrr@20"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (a, key)
+    assert best == max(table, key=lambda t: (t[1]["ndcg@20"], -t[0]))[0]
 
 
 @pytest.mark.parametrize("branch", ["lightgcn", "graphsage"])

@@ -121,6 +121,9 @@ class GraphFilter(nn.Module):
         self.register_buffer("ideal_in", torch.zeros(0))    # [I, K]  D_I^-1/2 V_K
         self.register_buffer("ideal_out", torch.zeros(0))   # [K, I]  V_K^T D_I^1/2 p(P~)
         self._fitted = False
+        self._memo_rows = 0                 # memoise(): capacity in users; 0 = off
+        self._memo = self._memo_slot = None
+        self._memo_used = 0
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
@@ -181,6 +184,40 @@ class GraphFilter(nn.Module):
             return torch.addmm(acc.T, t, ideal_out, alpha=self.ideal_weight)
         return acc.T.contiguous()
 
+    def memoise(self, max_bytes: int) -> None:
+        """Keep the scores of up to ``max_bytes // (4 * num_items)`` users once computed, and serve
+        them from memory after that (float32, exact). A fitted filter never changes, so a caller that
+        ranks the same users again and again (ScoreHybrid's evaluation at every epoch) pays for the
+        sparse products once; users beyond the capacity are recomputed on every call."""
+        self._memo_rows = min(self.num_users, int(max_bytes) // (4 * max(self.num_items, 1)))
+        self._memo = self._memo_slot = None
+        self._memo_used = 0
+
+    def memo_scores(self, users: torch.Tensor) -> torch.Tensor:
+        """``scores(users)`` (a new tensor), through the memo of :meth:`memoise`."""
+        users = users.cpu()
+        if not self._memo_rows:
+            return self.scores(users)
+        if self._memo is None:
+            self._memo = torch.empty(self._memo_rows, self.num_items)      # pages touched as rows are stored
+            self._memo_slot = torch.full((self.num_users,), -1, dtype=torch.long)
+        slot = self._memo_slot[users]
+        miss = slot < 0
+        out = torch.empty(users.numel(), self.num_items)
+        if not miss.all():
+            out[~miss] = self._memo[slot[~miss]]
+        if miss.any():
+            new, inverse = torch.unique(users[miss], return_inverse=True)
+            fresh = self.scores(new)
+            out[miss] = fresh[inverse]
+            take = min(new.numel(), self._memo_rows - self._memo_used)
+            if take:
+                rows = torch.arange(self._memo_used, self._memo_used + take)
+                self._memo[rows] = fresh[:take]
+                self._memo_slot[new[:take]] = rows
+                self._memo_used += take
+        return out
+
     def reordered(self, order: torch.Tensor):
         """(R~^T with its rows, ideal_out with its columns, in ``order``): scores come out permuted."""
         from ..metrics import csr_rows
@@ -218,17 +255,26 @@ class _FilterScorer:
     given item order (``metrics.evaluate`` asks for context-contiguous columns)."""
     fresh_tiles = True   # every call builds a new tile
 
-    def __init__(self, model: GraphFilter, rt=None, ideal_out=None):
-        self.model = model
-        self.rt = model._rt if rt is None else rt
-        self.ideal_out = model.ideal_out if ideal_out is None else ideal_out
+    def __init__(self, model: GraphFilter, order=None):
+        self.model, self.order = model, order
+        # Without a memo the permutation is folded into the last product (no extra copy); with one,
+        # memoised rows are in the natural order and permuted as they are served.
+        self.rt, self.ideal_out = (model._rt, model.ideal_out) if order is None or model._memo_rows \
+            else model.reordered(order)
 
     def __call__(self, users):
         with torch.no_grad():
-            return self.model._scores(users, self.rt, self.ideal_out).to(self.model._dummy.device)
+            m = self.model
+            if m._memo_rows:
+                s = m.memo_scores(users)
+                if self.order is not None:
+                    s = s.index_select(1, self.order.cpu())
+            else:
+                s = m._scores(users, self.rt, self.ideal_out)
+            return s.to(m._dummy.device)
 
     def reorder(self, order):
-        return _FilterScorer(self.model, *self.model.reordered(order))
+        return _FilterScorer(self.model, order)
 
 
 TUNE_RANKS = (128, 256, 512)

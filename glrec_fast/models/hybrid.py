@@ -512,15 +512,25 @@ class ScoreFusion:
         self.graph_scorer, self.text_scorer, self.weight = graph_scorer, text_scorer, float(weight)
 
     @staticmethod
-    def standardise(s: torch.Tensor) -> torch.Tensor:
-        s = s.float()
-        std, mean = torch.std_mean(s, dim=1, keepdim=True)
-        return (s - mean) / std.clamp(min=1e-12)
+    def standardise(s: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Each row to mean 0, std 1; ``inplace`` writes into ``s`` (a tile its scorer made fresh)."""
+        if s.dtype != torch.float32:
+            s, inplace = s.float(), True
+        mean = s.mean(dim=1, keepdim=True)
+        s = s.sub_(mean) if inplace else s - mean
+        # Two passes (mean, then the norm of the centred row): 5x faster on the CPU than std_mean.
+        std = torch.linalg.vector_norm(s, dim=1, keepdim=True).div_(math.sqrt(max(s.size(1) - 1, 1)))
+        return s.div_(std.clamp_(min=1e-12))
+
+    @staticmethod
+    def branch_z(scorer, users) -> torch.Tensor:
+        """A branch's standardised scores of ``users`` (in place when its tiles are fresh)."""
+        return ScoreFusion.standardise(scorer(users), inplace=getattr(scorer, "fresh_tiles", False))
 
     def __call__(self, users):
         a = self.weight
-        out = self.standardise(self.graph_scorer(users)).mul_(a)
-        return out.add_(self.standardise(self.text_scorer(users)), alpha=1.0 - a)
+        out = self.branch_z(self.graph_scorer, users).mul_(a)
+        return out.add_(self.branch_z(self.text_scorer, users), alpha=1.0 - a)
 
     def reorder(self, order):
         def re(s):
@@ -532,29 +542,79 @@ class ScoreFusion:
 
 @torch.no_grad()
 def tune_score_weight(graph_scorer, text_scorer, valid: torch.Tensor, num_users: int, num_items: int,
-                      exclude=(), grid=None, key: str = "ndcg@20", batch_size: int = 1024) -> tuple[float, list]:
-    """The weight ``a`` of ``ScoreFusion`` with the best validation ``key`` over ``grid`` (default 0 to
-    1 in steps of 0.05; ties go to the smaller weight), and the (a, valid metrics) table. Each user
-    batch is scored once per branch; every weight is a weighted sum of the two standardised tiles."""
+                      exclude=(), grid=None, key: str = "ndcg@20", batch_size: int = 1024,
+                      candidates: int = 256) -> tuple[float, list]:
+    """The weight ``a`` of ``ScoreFusion`` with the best validation ``key`` (at cut-off 20) over ``grid``
+    (default 0 to 1 in steps of 0.05; ties go to the smaller weight), and the (a, valid metrics) table.
+
+    Each user batch is scored once per branch and the excluded pairs masked once; every weight's top
+    20 then comes from :func:`mixed_top_k` on ``candidates`` items per branch, so a weight costs a few
+    [batch, 2 * candidates] operations instead of a full [batch, items] tile and ranking. The top 20
+    are exactly the full ranking's (checked per user, recomputed in full where the check fails)."""
     from .. import metrics
     grid = [round(0.05 * j, 2) for j in range(21)] if grid is None else [float(a) for a in grid]
+    valid = valid.to(torch.long).cpu()
+    metrics._check_pairs("valid", valid, num_users, num_items)
+    excl = [metrics._exclusion_csr(j, p, num_users, num_items) for j, p in enumerate(exclude)]
+    test_keys = torch.sort(valid[:, 0] * num_items + valid[:, 1]).values
+    n_rel = torch.bincount(valid[:, 0], minlength=num_users)
     users = torch.unique(valid[:, 0])
+    k = min(20, num_items)
+    discount = metrics.discounts(k)
     sums = [dict() for _ in grid]
-    n = 0
     for start in range(0, users.numel(), batch_size):
         ub = users[start:start + batch_size]
-        zg = ScoreFusion.standardise(graph_scorer(ub))
-        zt = ScoreFusion.standardise(text_scorer(ub))
-        vb = valid[torch.isin(valid[:, 0], ub)]
-        ex = [e[torch.isin(e[:, 0], ub)] for e in exclude]
-        for j, a in enumerate(grid):
-            tile = zg * a + zt * (1.0 - a)
-            m = metrics.evaluate(metrics.TileScorer(tile), vb, num_users, num_items, exclude=ex, ks=(20,),
-                                 batch_size=ub.numel())
-            for name, v in m.items():
-                if name != "n_users" and v == v:
-                    sums[j][name] = sums[j].get(name, 0.0) + v * m["n_users"]
-        n += ub.numel()
-    table = [(a, {name: v / n for name, v in s.items()}) for a, s in zip(grid, sums)]
+        zg = ScoreFusion.branch_z(graph_scorer, ub).cpu()
+        zt = ScoreFusion.branch_z(text_scorer, ub).cpu()
+        for rp, it in excl:
+            row, col = metrics.csr_rows(rp, it, ub)
+            zg[row, col] = -math.inf
+            zt[row, col] = -math.inf
+        for j, top in enumerate(mixed_top_k(zg, zt, grid, k, candidates)):
+            for (m, kk), v in metrics.ranked_metrics(top, ub, test_keys, n_rel[ub], num_items, (20,), discount).items():
+                name = f"{m}@{kk}"
+                sums[j][name] = sums[j].get(name, 0.0) + float(v.sum())
+    n = users.numel()
+    table = [(a, {**{name: v / n for name, v in s.items()}, "n_users": n}) for a, s in zip(grid, sums)]
     best = max(table, key=lambda t: (t[1].get(key, -1.0), -t[0]))
     return best[0], table
+
+
+def mixed_top_k(zg: torch.Tensor, zt: torch.Tensor, weights, k: int, candidates: int) -> list[torch.Tensor]:
+    """For each ``a`` in ``weights``: the item ids [b, k] of the top ``k`` of ``a * zg + (1 - a) * zt``
+    (best first; -inf marks excluded items in both tiles).
+
+    Only the union of each branch's top ``candidates`` items is mixed: an item outside it has
+    ``zg <= g_M`` and ``zt <= t_M`` (the branches' ``candidates``-th values), so it scores at most
+    ``a * g_M + (1 - a) * t_M``; where a user's k-th candidate is above that bound, the candidates'
+    top k is the full top k. Users where it is not (or where -inf leaves it undecided) are ranked in
+    full."""
+    b, n_items = zg.shape
+    k = min(k, n_items)
+    candidates = max(candidates, k)
+
+    def mix(x, y, a):  # -inf stays -inf at a = 0 and a = 1 (0 * -inf is nan)
+        return torch.nan_to_num_(x * a + y * (1.0 - a), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+    if 2 * candidates >= n_items:
+        return [torch.topk(mix(zg, zt, a), k, dim=1).indices for a in weights]
+    vg, ig = torch.topk(zg, candidates, dim=1)
+    vt, it = torch.topk(zt, candidates, dim=1)
+    cand = torch.cat([ig, it], 1)
+    cg = torch.cat([vg, zg.gather(1, it)], 1)
+    ct = torch.cat([zt.gather(1, ig), vt], 1)
+    # An item in both top lists appears once: its second copy is masked out.
+    dup = torch.zeros(b, n_items, dtype=torch.bool).scatter_(1, ig, True).gather(1, it)
+    cg[:, candidates:].masked_fill_(dup, -math.inf)
+    ct[:, candidates:].masked_fill_(dup, -math.inf)
+    g_m, t_m = vg[:, -1], vt[:, -1]
+    out = []
+    for a in weights:
+        val, pos = torch.topk(mix(cg, ct, a), k, dim=1)
+        top = cand.gather(1, pos)
+        bound = mix(g_m, t_m, a)
+        redo = ~(val[:, -1] > bound)
+        if bool(redo.any()):
+            top[redo] = torch.topk(mix(zg[redo], zt[redo], a), k, dim=1).indices
+        out.append(top)
+    return out

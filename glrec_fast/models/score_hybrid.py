@@ -33,6 +33,9 @@ FILTER_BRANCHES = ("gfcf", "bspm")
 # picked it (overall ndcg@20 within noise of 0.9-0.95) and its test-cold ndcg@20 fell from 0.10 to 0.008.
 HYBRID_GRID = tuple(round(0.05 * j, 2) for j in range(20))
 TUNE_USERS = 5000   # validation users ScoreHybrid.tune ranks (a seeded sample when there are more)
+# A filter branch's scores never change during training, so the ones evaluation asks for are kept
+# (GraphFilter.memoise): up to this many bytes of float32 rows, ~22k users x 12k items on amazon-beauty.
+FILTER_MEMO_BYTES = 2 << 30
 
 
 def cold_zero_scorer(user_emb: torch.Tensor, item_emb: torch.Tensor, cold: torch.Tensor):
@@ -57,6 +60,8 @@ class ScoreHybrid(Recommender):
         self.register_buffer("weight", torch.tensor(float(weight)))
         self.register_buffer("item_context", graph.item_context.clone())
         self.graph_trained = bool(getattr(graph_model, "trainable", False))
+        if not self.graph_trained:
+            graph_model.memoise(FILTER_MEMO_BYTES)
         self.tuning: list = []   # the last (weight, valid metrics) table
 
     # ------------------------------------------------------------------ options set by the trainer
