@@ -1,6 +1,6 @@
 """The public ops: ``propagate``, ``gated_fusion``, ``neighbor_sample``, ``block_mean_concat`` (a
-GraphSAGE layer's input on a sampled block), and ``row_adam_`` (the row-sparse optimiser step of
-``optim.RowAdam``).
+GraphSAGE layer's input on a sampled block), ``gram_rows`` (a graph filter's first product, over each
+row's two-hop neighbourhood) and ``row_adam_`` (the row-sparse optimiser step of ``optim.RowAdam``).
 
 One op, one name, many devices: each op is defined once here as ``torch.ops.glrec.<name>``; the
 compiled extension (``glrec_fast._C``) registers its C++ (and CUDA) kernels under the same name,
@@ -33,6 +33,9 @@ SCHEMAS = {
     "csr_transpose": "csr_transpose(Tensor rowptr, Tensor col, int num_cols) -> (Tensor, Tensor, Tensor)",
     "block_mean_concat_backward": ("block_mean_concat_backward(Tensor rowptr, Tensor t_rowptr, Tensor t_col, "
                                    "Tensor grad) -> Tensor"),
+    # Rows of pattern(R[rows]) T R with the output's columns permuted (a graph filter's r P~).
+    "gram_rows": ("gram_rows(Tensor rowptr, Tensor col, Tensor val, Tensor t_rowptr, Tensor t_col, Tensor t_val, "
+                  "Tensor rows, Tensor out_index) -> Tensor"),
     # optim.RowAdam's step on the rows of a row-sparse gradient, in place (rows unique).
     "row_adam_": ("row_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
                   "float step_size, float beta1, float beta2, float eps, float bc2_sqrt) -> ()"),
@@ -80,6 +83,7 @@ _REFERENCE_KERNELS = {
     "block_mean_concat": reference.block_mean_concat,
     "csr_transpose": reference.csr_transpose,   # not differentiable: no autograd registered
     "block_mean_concat_backward": reference.block_mean_concat_backward,
+    "gram_rows": reference.gram_rows,   # not differentiable: no autograd registered
 }
 
 # CUDA: Triton kernels where Triton imports.
@@ -143,6 +147,11 @@ def _fake_block_mean_concat(rowptr, col, t_rowptr, t_col, h):
 @torch.library.register_fake("glrec::csr_transpose")
 def _fake_csr_transpose(rowptr, col, num_cols):
     return col.new_empty((num_cols + 1,)), col.new_empty(col.shape), col.new_empty(col.shape)
+
+
+@torch.library.register_fake("glrec::gram_rows")
+def _fake_gram_rows(rowptr, col, val, t_rowptr, t_col, t_val, rows, out_index):
+    return val.new_empty((rows.numel(), t_rowptr.numel() - 1))
 
 
 @torch.library.register_fake("glrec::block_mean_concat_backward")
@@ -305,6 +314,36 @@ def csr_transpose(rowptr: torch.Tensor, col: torch.Tensor, num_cols: int):
     if _backend.backend() == "reference":
         return reference.csr_transpose(rowptr, col, num_cols)
     return torch.ops.glrec.csr_transpose(rowptr.contiguous(), col.contiguous(), num_cols)
+
+
+def gram_rows(r: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, out_index: torch.Tensor | None = None) -> torch.Tensor:
+    """``[len(rows), I]``: for each ``u`` in ``rows``, the 0/1 pattern of row ``u`` of ``r`` times ``t @ r``,
+    with output column ``j`` written at ``out_index[j]`` (a permutation; None: in place).
+
+    ``r``: a sparse CSR ``[U, I]`` float32 matrix, ``t``: a sparse CSR ``[I, U]`` (a graph filter passes
+    ``R~`` and ``R~^T``: the result is ``r_u P~``, ``models/filters.py``). The compiled kernel walks each
+    row's two-hop neighbourhood only; the reference (``reference.gram_rows``) is two torch CSR x dense
+    products over a dense block of the rows' patterns. Not differentiable."""
+    for name, m, shape in (("r", r, None), ("t", t, (r.size(1), r.size(0)) if r.dim() == 2 else None)):
+        if not isinstance(m, torch.Tensor) or m.layout != torch.sparse_csr or m.dtype != torch.float32:
+            raise ValueError(f"{name}: expected a float32 sparse CSR matrix, got "
+                             f"{getattr(m, 'layout', type(m))} {getattr(m, 'dtype', '')}")
+        if shape is not None and tuple(m.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape} (the transpose of r's), got {tuple(m.shape)}")
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
+        raise ValueError("rows: expected a 1-d tensor of row ids of r")
+    rows = rows.to(torch.long).cpu().contiguous()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= r.size(0)):
+        raise ValueError(f"rows: expected ids in [0, {r.size(0)}), got {int(rows.min())}..{int(rows.max())}")
+    out_index = torch.arange(r.size(1)) if out_index is None else out_index.to(torch.long).cpu().contiguous()
+    if out_index.shape != (r.size(1),):
+        raise ValueError(f"out_index: expected a permutation of the {r.size(1)} columns of r, got shape "
+                         f"{tuple(out_index.shape)}")
+    args = (r.crow_indices(), r.col_indices(), r.values(), t.crow_indices(), t.col_indices(), t.values(), rows,
+            out_index)
+    if _backend.backend() == "reference":
+        return reference.gram_rows(*args)
+    return torch.ops.glrec.gram_rows(*(a.contiguous() for a in args))
 
 
 class SampledSubgraph(NamedTuple):

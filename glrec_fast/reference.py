@@ -267,6 +267,26 @@ def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor
 
 
 # --------------------------------------------------------------------------- graph filters
+def gram_rows(rowptr, col, val, t_rowptr, t_col, t_val, rows, out_index) -> torch.Tensor:
+    """``ops.gram_rows``: ``pattern(R[rows]) T R`` as ``(T (R X))^T`` with torch's CSR x dense product on the
+    dense [I, len(rows)] block ``X`` of the rows' 0/1 patterns, then the columns scattered to ``out_index``."""
+    import warnings
+    num_u, num_i = rowptr.numel() - 1, t_rowptr.numel() - 1
+    with warnings.catch_warnings():   # torch's one-time "sparse CSR support is in beta" notice
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        r = torch.sparse_csr_tensor(rowptr, col, val, (num_u, num_i))
+        t = torch.sparse_csr_tensor(t_rowptr, t_col, t_val, (num_i, num_u))
+    deg = rowptr[rows + 1] - rowptr[rows]
+    starts = torch.repeat_interleave(rowptr[rows], deg)
+    offs = torch.arange(int(deg.sum())) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
+    x = torch.zeros(num_i, rows.numel())
+    x[col[starts + offs], torch.repeat_interleave(torch.arange(rows.numel()), deg)] = 1.0
+    nat = torch.sparse.mm(t, torch.sparse.mm(r, x)).T
+    out = torch.empty_like(nat)
+    out[:, out_index] = nat
+    return out
+
+
 def graph_filter_dense(train: torch.Tensor, num_users: int, num_items: int, v: torch.Tensor,
                        ideal_weight: float, poly) -> torch.Tensor:
     """GF-CF / BSPM scores of every user as dense matrices, written straight from the formulas

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from glrec_fast import metrics, reference, train
+from glrec_fast import metrics, ops, reference, train
 from glrec_fast.data.splits import carve_valid
 from glrec_fast.graph import BipartiteGraph
 from glrec_fast.models import filters, losses
@@ -47,6 +47,52 @@ def test_filter_equals_dense_reference(kw):
     # A reordered scorer returns the same scores with the columns permuted.
     order = torch.randperm(g.num_items)
     torch.testing.assert_close(f.scorer().reorder(order)(users), f.scores(users)[:, order], rtol=1e-5, atol=1e-6)
+
+
+COMPILED_GRAM = ops.KERNELS["gram_rows"]["CPU"] == "C++ (_C)"
+
+
+@pytest.mark.parametrize("provider", ["kernel", "reference"])
+def test_gram_rows_is_the_pattern_times_t_r(provider):
+    """ops.gram_rows (compiled kernel, or the torch reference) against the dense product in float64,
+    with repeated rows, an isolated user, and the output's columns permuted."""
+    if provider == "kernel" and not COMPILED_GRAM:
+        pytest.skip("compiled extension not built")
+    _, g = _graph()
+    r, rt, _, _ = filters.normalised_csr(g)
+    rows = torch.tensor([0, 5, 5, 96, 17, 40, 95])
+    dense_r = r.to_dense().double()
+    pattern = (dense_r[rows] != 0).double()
+    want = pattern @ rt.to_dense().double() @ dense_r
+    perm = torch.randperm(g.num_items, generator=torch.Generator().manual_seed(4))
+    for out_index in (None, perm):
+        if provider == "kernel":
+            got = ops.gram_rows(r, rt, rows, out_index)
+        else:
+            idx = torch.arange(g.num_items) if out_index is None else out_index
+            got = reference.gram_rows(r.crow_indices(), r.col_indices(), r.values(), rt.crow_indices(),
+                                      rt.col_indices(), rt.values(), rows, idx)
+        placed = want if out_index is None else torch.empty_like(want).index_copy_(1, out_index, want)
+        torch.testing.assert_close(got.double(), placed, rtol=1e-5, atol=1e-6)
+    assert (want[3] == 0).all()          # user 96 has no training row
+
+
+@pytest.mark.skipif(not COMPILED_GRAM, reason="compiled extension not built")
+def test_gram_rows_bad_input_names_it():
+    _, g = _graph()
+    r, rt, _, _ = filters.normalised_csr(g)
+    with pytest.raises(ValueError, match="rows: expected ids in"):
+        ops.gram_rows(r, rt, torch.tensor([0, 97]))
+    with pytest.raises(ValueError, match="t: expected shape"):
+        ops.gram_rows(r, r, torch.tensor([0]))
+    with pytest.raises(ValueError, match="r: expected a float32 sparse CSR"):
+        ops.gram_rows(r.to_dense(), rt, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="out_index must be a permutation"):
+        ops.gram_rows(r, rt, torch.tensor([0]), torch.zeros(g.num_items, dtype=torch.long))
+    bad = torch.sparse_csr_tensor(r.crow_indices(), r.col_indices().clone().fill_(g.num_items + 5), r.values(),
+                                  r.shape, check_invariants=False)
+    with pytest.raises(RuntimeError, match="column ids must lie in"):
+        ops.gram_rows(bad, rt, torch.tensor([0]))
 
 
 def test_memoised_scores_are_the_filter_scores():

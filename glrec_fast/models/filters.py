@@ -15,11 +15,13 @@ the normalised interaction matrix ``R~ = D_U^-1/2 R D_I^-1/2``:
 
   ``p = 1`` (no sharpening) is GF-CF. Fitting computes ``V_K`` once and folds ``p(P~)`` into the
   low-rank factor (``V_K^T D_I^1/2 p(P~)``, a [K, I] matrix); scoring a batch of users then costs
-  ``deg(p) + 1`` applications of ``P~`` to a dense [I, batch] block plus two thin matrix products.
+  ``r P~`` (``ops.gram_rows``: each user's two-hop neighbourhood only), ``deg(p)`` applications of
+  ``P~`` to a dense [I, batch] block and two thin matrix products.
 
 ``P~`` is never built, nor any dense I x I or U x I matrix: it is applied as two sparse products,
 ``R~^T (R~ X)``, over the training graph's CSR in both directions (``BipartiteGraph.user_rowptr`` /
-``item_rowptr``), with torch's CSR x dense kernel. ``reference.graph_filter_dense`` is the dense
+``item_rowptr``), with torch's CSR x dense kernel, or for the first product, whose input rows are
+the users' sparse training rows, by ``ops.gram_rows``. ``reference.graph_filter_dense`` is the dense
 ground truth for tests.
 """
 from __future__ import annotations
@@ -147,42 +149,52 @@ class GraphFilter(nn.Module):
                 acc = acc.add_(x, alpha=c)
         return acc
 
-    def _rows(self, users: torch.Tensor):
-        """The users' training rows: (sparse CSR [len(users), I] of ones, the same dense as [I, len(users)])."""
+    def _rows(self, users: torch.Tensor) -> torch.Tensor:
+        """The users' training rows as a sparse CSR [len(users), I] of ones."""
         from ..metrics import csr_rows
         g = self.graph.to("cpu")
         users = users.cpu()
-        row, col = csr_rows(g.user_rowptr, g.user_col, users)
+        _, col = csr_rows(g.user_rowptr, g.user_col, users)
         rowptr = torch.zeros(users.numel() + 1, dtype=torch.long)
         torch.cumsum(g.user_degree[users], 0, out=rowptr[1:])
-        sparse = torch.sparse_csr_tensor(rowptr, col, torch.ones(col.numel()), (users.numel(), self.num_items),
-                                         check_invariants=False)
-        dense_t = torch.zeros(self.num_items, users.numel())
-        dense_t[col, row] = 1.0
-        return sparse, dense_t
+        return torch.sparse_csr_tensor(rowptr, col, torch.ones(col.numel()), (users.numel(), self.num_items),
+                                       check_invariants=False)
 
-    def _p(self, x: torch.Tensor, rt=None) -> torch.Tensor:
-        """``P~ x`` for columns ``x`` [I, n], as ``R~^T (R~ x)``; ``rt`` may be a row-permuted ``R~^T``."""
-        return torch.sparse.mm(self._rt if rt is None else rt, torch.sparse.mm(self._r, x))
+    def _p(self, x: torch.Tensor) -> torch.Tensor:
+        """``P~ x`` for dense columns ``x`` [I, n], as ``R~^T (R~ x)``."""
+        return torch.sparse.mm(self._rt, torch.sparse.mm(self._r, x))
+
+    def _first_hop(self, users: torch.Tensor, out_index=None) -> torch.Tensor:
+        """``r P~`` for the users' 0/1 rows ``r``: [len(users), I] (columns at ``out_index``), over each
+        user's two-hop neighbourhood (``ops.gram_rows``) instead of a dense block of mostly zeros."""
+        from .. import ops
+        return ops.gram_rows(self._r, self._rt, users.cpu(), out_index)
 
     @torch.no_grad()
-    def scores(self, users: torch.Tensor) -> torch.Tensor:
-        """Filter scores [len(users), I] (module docstring), computed on the CPU."""
-        return self._scores(users, self._rt, self.ideal_out)
-
-    def _scores(self, users, rt_out, ideal_out) -> torch.Tensor:
-        """Scores whose item columns follow ``rt_out``'s rows and ``ideal_out``'s columns (the
-        natural order, or a permutation from ``reorder``)."""
+    def scores(self, users: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """Filter scores [len(users), I] (module docstring), computed on the CPU; with ``order`` the
+        columns come in that item order (``scores(users)[:, order]``)."""
         if not self._fitted:
             raise RuntimeError("GraphFilter: call fit() before scoring")
-        r, x = self._rows(users)
-        # r P~ p(P~) = (P~ p(P~) x)^T on the columns x = r^T [I, b]; only the last product decides
-        # the order of the output's items.
-        acc = self._p(self._apply_poly(x, self.poly), rt_out)
+        users = users.cpu()
+        if order is not None:
+            order = order.cpu()
+        if len(self.poly) == 1:      # GF-CF: r P~ is the only product; it writes the columns in order
+            rank = None
+            if order is not None:
+                rank = torch.empty_like(order)
+                rank[order] = torch.arange(order.numel())
+            acc = self._first_hop(users, rank).mul_(self.poly[0])
+            ideal_out = self.ideal_out if order is None or not self.rank else self.ideal_out[:, order]
+        else:                        # r P~ p(P~) = (p(P~) y)^T for the columns y = (r P~)^T
+            acc = self._apply_poly(self._first_hop(users).T.contiguous(), self.poly).T.contiguous()
+            ideal_out = self.ideal_out
         if self.rank and self.ideal_weight:
-            t = torch.sparse.mm(r, self.ideal_in)                      # r D^-1/2 V: [b, K], nnz x K work
-            return torch.addmm(acc.T, t, ideal_out, alpha=self.ideal_weight)
-        return acc.T.contiguous()
+            t = torch.sparse.mm(self._rows(users), self.ideal_in)      # r D^-1/2 V: [b, K], nnz x K work
+            acc.addmm_(t, ideal_out, alpha=self.ideal_weight)
+        if order is not None and len(self.poly) > 1:
+            acc = acc.index_select(1, order)
+        return acc
 
     def memoise(self, max_bytes: int) -> None:
         """Keep the scores of up to ``max_bytes // (4 * num_items)`` users once computed, and serve
@@ -203,34 +215,21 @@ class GraphFilter(nn.Module):
             self._memo_slot = torch.full((self.num_users,), -1, dtype=torch.long)
         slot = self._memo_slot[users]
         miss = slot < 0
+        if not miss.any():
+            return self._memo.index_select(0, slot)
         out = torch.empty(users.numel(), self.num_items)
         if not miss.all():
             out[~miss] = self._memo[slot[~miss]]
-        if miss.any():
-            new, inverse = torch.unique(users[miss], return_inverse=True)
-            fresh = self.scores(new)
-            out[miss] = fresh[inverse]
-            take = min(new.numel(), self._memo_rows - self._memo_used)
-            if take:
-                rows = torch.arange(self._memo_used, self._memo_used + take)
-                self._memo[rows] = fresh[:take]
-                self._memo_slot[new[:take]] = rows
-                self._memo_used += take
+        new, inverse = torch.unique(users[miss], return_inverse=True)
+        fresh = self.scores(new)
+        out[miss] = fresh[inverse]
+        take = min(new.numel(), self._memo_rows - self._memo_used)
+        if take:
+            rows = torch.arange(self._memo_used, self._memo_used + take)
+            self._memo[rows] = fresh[:take]
+            self._memo_slot[new[:take]] = rows
+            self._memo_used += take
         return out
-
-    def reordered(self, order: torch.Tensor):
-        """(R~^T with its rows, ideal_out with its columns, in ``order``): scores come out permuted."""
-        from ..metrics import csr_rows
-        order = order.cpu()
-        rt = self._rt
-        rp, col, val = rt.crow_indices(), rt.col_indices(), rt.values()
-        new_rp = torch.zeros_like(rp)
-        torch.cumsum((rp[1:] - rp[:-1])[order], 0, out=new_rp[1:])
-        _, src = csr_rows(rp, torch.arange(col.numel()), order)      # entry ids, rows in ``order``
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-            rt_perm = torch.sparse_csr_tensor(new_rp, col[src], val[src], rt.shape, check_invariants=False)
-        return rt_perm, (self.ideal_out[:, order] if self.rank else self.ideal_out)
 
     # ------------------------------------------------------------------ the Recommender surface
     def scorer(self):
@@ -257,20 +256,16 @@ class _FilterScorer:
 
     def __init__(self, model: GraphFilter, order=None):
         self.model, self.order = model, order
-        # Without a memo the permutation is folded into the last product (no extra copy); with one,
-        # memoised rows are in the natural order and permuted as they are served.
-        self.rt, self.ideal_out = (model._rt, model.ideal_out) if order is None or model._memo_rows \
-            else model.reordered(order)
 
     def __call__(self, users):
         with torch.no_grad():
             m = self.model
-            if m._memo_rows:
+            if m._memo_rows:          # memoised rows are in the natural order
                 s = m.memo_scores(users)
                 if self.order is not None:
                     s = s.index_select(1, self.order.cpu())
             else:
-                s = m._scores(users, self.rt, self.ideal_out)
+                s = m.scores(users, self.order)
             return s.to(m._dummy.device)
 
     def reorder(self, order):
@@ -351,12 +346,12 @@ def grid_search(graph, valid: torch.Tensor, exclude=(), ranks=(256,), ideal_weig
     valid = valid[keep]
     for start in range(0, users.numel(), batch_size):
         ub = users[start:start + batch_size]
-        r, x = base._rows(ub)
-        m_pow, acc = [], x
-        for _ in range(degree):
+        acc = base._first_hop(ub).T.contiguous()
+        m_pow = [acc]                                           # [I, b]: (r P~^j)^T, j = 1..degree
+        for _ in range(degree - 1):
             acc = base._p(acc)
-            m_pow.append(acc)                                   # [I, b]: (r P~^j)^T, j = 1..degree
-        t = torch.sparse.mm(r, base.ideal_in) if v_half is not None else None
+            m_pow.append(acc)
+        t = torch.sparse.mm(base._rows(ub), base.ideal_in) if v_half is not None else None
         vb = valid[torch.isin(valid[:, 0], ub)]
         for idx, (k, w, _, p) in enumerate(settings):
             lin = sum(c * m_pow[j] for j, c in enumerate(p) if c)
