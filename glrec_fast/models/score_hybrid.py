@@ -12,7 +12,8 @@
 The branches do not interact in training (the loss is the sum of their own losses), so the mix
 weight ``a`` can be chosen without retraining: at every validation the training loop calls
 ``tune(valid, exclude)``, which picks ``a`` on 0..0.95 in steps of 0.05 (``tune_score_weight``), and
-the best epoch keeps its ``a``. Items without a training interaction (cold items) get a graph score
+the best epoch keeps its ``a``. A filter branch never changes, so its scores of the users validation
+ranks are kept in memory (``FILTER_MEMO_BYTES``) and computed once per run. Items without a training interaction (cold items) get a graph score
 of 0, a constant per user, so among cold items the ranking is the text branch's alone.
 
 Measured on amazon-beauty (bench/RESULTS.md, "Score-level hybrid"): the score mix of the graph
@@ -122,8 +123,9 @@ class ScoreHybrid(Recommender):
         """Set the weight to the one with the best validation ndcg@20 over ``HYBRID_GRID``, measured on a
         fixed seeded sample of at most ``max_users`` validation users (None: all). One scalar is chosen,
         and every weight is scored on the same users, so a sample suffices; the training loop calls this
-        at every evaluation, where scoring all users twice (here and for the metrics) cost 28x the text
-        branch's epoch on amazon-beauty with a filter branch."""
+        at every evaluation. Each user batch is scored once per branch (a filter branch's scores come
+        from its memo after the first time) and each weight ranks only the two branches' top
+        candidates (``tune_score_weight``)."""
         users = torch.unique(valid[:, 0])
         if max_users is not None and users.numel() > max_users:
             pick = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(seed))[:max_users]
