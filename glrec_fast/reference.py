@@ -274,8 +274,9 @@ def gram_rows(rowptr, col, val, t_rowptr, t_col, t_val, rows, out_index) -> torc
     num_u, num_i = rowptr.numel() - 1, t_rowptr.numel() - 1
     with warnings.catch_warnings():   # torch's one-time "sparse CSR support is in beta" notice
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-        r = torch.sparse_csr_tensor(rowptr, col, val, (num_u, num_i))
-        t = torch.sparse_csr_tensor(t_rowptr, t_col, t_val, (num_i, num_u))
+        # Checked: this is also the fallback without the compiled kernel (a bad CSR raises, never reads wild).
+        r = torch.sparse_csr_tensor(rowptr, col, val, (num_u, num_i), check_invariants=True)
+        t = torch.sparse_csr_tensor(t_rowptr, t_col, t_val, (num_i, num_u), check_invariants=True)
     deg = rowptr[rows + 1] - rowptr[rows]
     starts = torch.repeat_interleave(rowptr[rows], deg)
     offs = torch.arange(int(deg.sum())) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)

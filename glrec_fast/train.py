@@ -136,7 +136,7 @@ def check_config(cfg: dict) -> None:
 
     choices = {"model": MODELS, "split": (None, *SPLITS), "loss": ("bpr", "softmax"), "lr_schedule": ("constant", "cosine"),
                "init": ("normal", "spectral"), "sharpen_solver": SOLVERS, "encoder": ENCODER_NAMES,
-               "graph_branch": (*GRAPH_BRANCHES, *FILTER_BRANCHES), "fusion": (*FUSIONS, "score"), "cold_gate": COLD_GATES, "user_gate": USER_GATES,
+               "graph_branch": ("auto", *GRAPH_BRANCHES, *FILTER_BRANCHES), "fusion": (*FUSIONS, "score"), "cold_gate": COLD_GATES, "user_gate": USER_GATES,
                "gate_features": GATE_FEATURES,
                "propagate_dtype": tuple(LightGCN.PROPAGATE_DTYPES)}
     for key, allowed in choices.items():
@@ -237,6 +237,22 @@ EVAL_TILE_BYTES = 1 << 30   # one evaluation score tile ([users, items] float32)
 FULL_GRAPH_HINT_EDGES = 5_000_000   # above this, full-graph training gets a one-line hint to sample
 
 
+def resolve_graph_branch(cfg: dict, ds) -> dict:
+    """``graph_branch: auto`` (the default): the hybrid's graph branch that won on validation. For the
+    score-level hybrid that is the GF-CF graph filter, its setting chosen on the validation split
+    (``tune_filter``) when there is one: filter + titles beat LightGCN + titles on validation on both
+    splits of amazon-beauty and ml-100k, and it needs no graph training (bench/RESULTS.md, "The
+    default hybrid"). The gated and static fusions mix trained graph vectors: LightGCN."""
+    if cfg["graph_branch"] != "auto":
+        return cfg
+    if cfg["model"] == "hybrid" and cfg["fusion"] == "score":
+        tune = cfg["tune_filter"] or bool(ds.valid.numel())
+        log.info("graph_branch auto: the GF-CF graph filter%s", ", its setting chosen on validation" if tune else
+                 " with its default setting (no validation split to choose on)")
+        return dict(cfg, graph_branch="gfcf", tune_filter=tune)
+    return dict(cfg, graph_branch="lightgcn")
+
+
 def eval_batch_users(cfg, num_items: int) -> int:
     """Users per evaluation batch: ``eval_batch_size``, lowered so that a score tile fits EVAL_TILE_BYTES
     (at a million items 1,024 users would be a 4 GiB tile; the metrics do not depend on the batch)."""
@@ -323,6 +339,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
     graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
     load_s = time.time() - t0
     log.info("graph: %s (load %.1fs)", graph, load_s)
+    cfg = resolve_graph_branch(cfg, ds)
     _scale_hints(cfg, graph)
     t_start = time.time()   # --time_budget counts from here: initialisation, training and validation
     model = build_model(cfg, ds, graph, device).to(device)

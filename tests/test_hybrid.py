@@ -438,6 +438,21 @@ def test_score_hybrid_trains_both_branches_and_tunes_on_valid():
         type(m)(g, m.graph_model, FusedHybridRec(g, torch.randn(g.num_items, 6)))
 
 
+def test_auto_graph_branch_is_the_validation_winner_for_each_fusion():
+    from glrec_fast import config
+    from glrec_fast.data import load_dataset
+    ds = load_dataset("synthetic", split="cold", seed=0, num_users=60, num_items=40, num_interactions=600)
+    cfg = config.resolve([], overrides={"model": "hybrid"})
+    assert cfg["graph_branch"] == "auto" and cfg["fusion"] == "score"
+    got = train.resolve_graph_branch(cfg, ds)
+    assert (got["graph_branch"], got["tune_filter"]) == ("gfcf", True)
+    no_valid = type("NoValid", (), {"valid": ds.valid[:0]})()
+    assert train.resolve_graph_branch(cfg, no_valid)["tune_filter"] is False     # nothing to choose on
+    for fusion in ("gated", "static"):
+        assert train.resolve_graph_branch(dict(cfg, fusion=fusion), ds)["graph_branch"] == "lightgcn"
+    assert train.resolve_graph_branch(dict(cfg, graph_branch="graphsage"), ds)["graph_branch"] == "graphsage"
+
+
 @minilm
 def test_cli_score_hybrid_with_filter_branch_on_the_cold_split(tmp_path):
     """--fusion score --graph_branch gfcf end to end: the weight chosen on valid is reported, best.pt
@@ -465,10 +480,13 @@ def test_cli_score_hybrid_with_filter_branch_on_the_cold_split(tmp_path):
     text_only = EmbeddingScorer(ck["text_branch"]["user_emb"], ck["text_branch"]["item_emb"])
     if a < 1.0:
         assert got["ndcg@20/cold"] == metrics.evaluate(text_only, ds.test, ds.num_users, ds.num_items, **kw)["ndcg@20/cold"]
-    # --tune_filter: the branch's setting is the one the grid ranks first on this validation split.
+    # The default graph branch (auto) of the score hybrid is GF-CF with --tune_filter: the branch's setting is
+    # the one the grid ranks first on this validation split.
     tuned = tmp_path / "tuned"
-    assert train.main(SMALL_HYBRID + ["--split", "cold", "--fusion", "score", "--graph_branch", "gfcf", "--epochs", "1",
-                                      "--tune_filter", "true", "--grokking", "false", "--out", str(tuned)]) == 0
+    assert train.main(SMALL_HYBRID + ["--split", "cold", "--fusion", "score", "--epochs", "1",
+                                      "--grokking", "false", "--out", str(tuned)]) == 0
+    written = (tuned / "config.yaml").read_text()
+    assert "graph_branch: gfcf" in written and "tune_filter: true" in written, written
     from glrec_fast.models import filters
     best = filters.grid_search(graph, ds.valid, exclude=[ds.train], ranks=(128, 150),
                                ideal_weights=filters.TUNE_IDEAL_WEIGHTS, num_users=None)[0]
