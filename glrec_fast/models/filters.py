@@ -318,8 +318,9 @@ def grid_search(graph, valid: torch.Tensor, exclude=(), ranks=(256,), ideal_weig
     ``sharpen``: (solver, steps, time) triples; ``ranks`` may differ (the SVD is computed once at the
     largest rank and truncated). Every setting scores the same ``num_users`` sampled validation
     users (all when None). Per user batch the basis ``r P~^j`` (j up to the largest degree) and the
-    low-rank factors are computed once; each setting is then a weighted sum of them, so a grid of
-    many settings costs little more than its most expensive member. (A rank below the largest uses
+    low-rank terms (one thin product per sharpening at the largest rank, ranks below it as its
+    leading partial sums) are computed once; each setting is then a weighted sum of them, so a grid
+    of many settings costs little more than its most expensive member. (A rank below the largest uses
     the leading columns of the largest SVD, which can differ slightly from an SVD at that rank.)
     """
     from .. import metrics
@@ -344,6 +345,13 @@ def grid_search(graph, valid: torch.Tensor, exclude=(), ranks=(256,), ideal_weig
     n_total = 0
     keep = torch.isin(valid[:, 0], users)
     valid = valid[keep]
+    # Per polynomial p: its low-rank factor V^T D^1/2 p(P~) [K, I] (batch-independent), and the ranks
+    # its settings use, ascending: a batch's rank-k term is the rank-(k-1 on the grid) term plus one
+    # thin product, so every rank costs one product at the largest rank per batch.
+    by_poly = {}
+    for idx, (k, w, _, p) in enumerate(settings):
+        by_poly.setdefault(p, []).append((idx, k, w))
+    low_factor = {p: sum(c * w_pow[j] for j, c in enumerate(p) if c) for p in by_poly} if w_pow else {}
     for start in range(0, users.numel(), batch_size):
         ub = users[start:start + batch_size]
         acc = base._first_hop(ub).T.contiguous()
@@ -353,19 +361,21 @@ def grid_search(graph, valid: torch.Tensor, exclude=(), ranks=(256,), ideal_weig
             m_pow.append(acc)
         t = torch.sparse.mm(base._rows(ub), base.ideal_in) if v_half is not None else None
         vb = valid[torch.isin(valid[:, 0], ub)]
-        for idx, (k, w, _, p) in enumerate(settings):
-            lin = sum(c * m_pow[j] for j, c in enumerate(p) if c)
-            if k and w:
-                wk = sum(c * w_pow[j][:k] for j, c in enumerate(p) if c)
-                tile = torch.addmm(lin.T, t[:, :k], wk, alpha=w)
-            else:
-                tile = lin.T.contiguous()
-            m = metrics.evaluate(metrics.TileScorer(tile), vb, graph.num_users, graph.num_items,
-                                 exclude=[e[torch.isin(e[:, 0], ub)] for e in exclude], ks=(20,),
-                                 batch_size=ub.numel())
-            for name, val in m.items():
-                if name != "n_users":
-                    sums[idx][name] = sums[idx].get(name, 0.0) + val * m["n_users"]
+        ex = [e[torch.isin(e[:, 0], ub)] for e in exclude]
+        for p, members in by_poly.items():
+            lin = sum(c * m_pow[j] for j, c in enumerate(p) if c).T.contiguous()     # [b, I]
+            low, prev = {}, 0
+            for k in sorted({k for _, k, w in members if k and w}):
+                part = t[:, prev:k] @ low_factor[p][prev:k]
+                low[k] = part if not low else part.add_(low[max(low)])
+                prev = k
+            for idx, k, w in members:
+                tile = torch.add(lin, low[k], alpha=w) if k and w else lin.clone()   # evaluate writes into it
+                m = metrics.evaluate(metrics.TileScorer(tile), vb, graph.num_users, graph.num_items, exclude=ex,
+                                     ks=(20,), batch_size=ub.numel())
+                for name, val in m.items():
+                    if name != "n_users":
+                        sums[idx][name] = sums[idx].get(name, 0.0) + val * m["n_users"]
         n_total += ub.numel()
     out = []
     for (k, w, s, _), sm in zip(settings, sums):
