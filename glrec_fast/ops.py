@@ -332,10 +332,11 @@ def gram_rows(r: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, out_index: t
             raise ValueError(f"{name}: expected shape {shape} (the transpose of r's), got {tuple(m.shape)}")
     if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
         raise ValueError("rows: expected a 1-d tensor of row ids of r")
-    rows = rows.to(torch.long).cpu().contiguous()
+    rows = rows.to(device=r.device, dtype=torch.long).contiguous()
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= r.size(0)):
         raise ValueError(f"rows: expected ids in [0, {r.size(0)}), got {int(rows.min())}..{int(rows.max())}")
-    out_index = torch.arange(r.size(1)) if out_index is None else out_index.to(torch.long).cpu().contiguous()
+    out_index = (torch.arange(r.size(1), device=r.device) if out_index is None
+                 else out_index.to(device=r.device, dtype=torch.long).contiguous())
     if out_index.shape != (r.size(1),):
         raise ValueError(f"out_index: expected a permutation of the {r.size(1)} columns of r, got shape "
                          f"{tuple(out_index.shape)}")

@@ -279,9 +279,10 @@ def gram_rows(rowptr, col, val, t_rowptr, t_col, t_val, rows, out_index) -> torc
         t = torch.sparse_csr_tensor(t_rowptr, t_col, t_val, (num_i, num_u), check_invariants=True)
     deg = rowptr[rows + 1] - rowptr[rows]
     starts = torch.repeat_interleave(rowptr[rows], deg)
-    offs = torch.arange(int(deg.sum())) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
-    x = torch.zeros(num_i, rows.numel())
-    x[col[starts + offs], torch.repeat_interleave(torch.arange(rows.numel()), deg)] = 1.0
+    dev = rowptr.device
+    offs = torch.arange(int(deg.sum()), device=dev) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
+    x = torch.zeros(num_i, rows.numel(), device=dev)
+    x[col[starts + offs], torch.repeat_interleave(torch.arange(rows.numel(), device=dev), deg)] = 1.0
     nat = torch.sparse.mm(t, torch.sparse.mm(r, x)).T
     out = torch.empty_like(nat)
     out[:, out_index] = nat
