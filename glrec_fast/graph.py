@@ -160,8 +160,9 @@ class BipartiteGraph:
             rows = torch.repeat_interleave(torch.arange(self.num_nodes, device=self.rowptr.device),
                                            self.rowptr[1:] - self.rowptr[:-1])
             vals = self.dinv[rows] * self.dinv[self.col]
+            # The CSR was validated when the graph was built: no per-call invariant checks.
             cache[key] = torch.sparse_csr_tensor(self.rowptr, self.col, vals,
-                                                 (self.num_nodes, self.num_nodes))
+                                                 (self.num_nodes, self.num_nodes), check_invariants=False)
         return cache[key]
 
     def to(self, device) -> "BipartiteGraph":
