@@ -277,12 +277,11 @@ def gram_rows(rowptr, col, val, t_rowptr, t_col, t_val, rows, out_index) -> torc
         # Checked: this is also the fallback without the compiled kernel (a bad CSR raises, never reads wild).
         r = torch.sparse_csr_tensor(rowptr, col, val, (num_u, num_i), check_invariants=True)
         t = torch.sparse_csr_tensor(t_rowptr, t_col, t_val, (num_i, num_u), check_invariants=True)
-    deg = rowptr[rows + 1] - rowptr[rows]
-    starts = torch.repeat_interleave(rowptr[rows], deg)
+    from .metrics import csr_rows
     dev = rowptr.device
-    offs = torch.arange(int(deg.sum()), device=dev) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
+    pos, items = csr_rows(rowptr.cpu(), col.cpu(), rows)      # (position in rows, item) of each pattern entry
     x = torch.zeros(num_i, rows.numel(), device=dev)
-    x[col[starts + offs], torch.repeat_interleave(torch.arange(rows.numel(), device=dev), deg)] = 1.0
+    x[items.to(dev), pos.to(dev)] = 1.0
     nat = torch.sparse.mm(t, torch.sparse.mm(r, x)).T
     out = torch.empty_like(nat)
     out[:, out_index] = nat
