@@ -161,13 +161,14 @@ def main(argv=None):
     ap.add_argument("--synthetic_interactions", type=int, default=None)
     ap.add_argument("--synthetic_users", type=int, default=None)
     ap.add_argument("--synthetic_items", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 beside another job)")
     ap.add_argument("--json", default=None, help="default: bench/results/hybrid_evidence_DATASET_SPLIT.json")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="no training: one table from the --json files of runs over disjoint seeds")
     a = ap.parse_args(argv)
     if a.merge:
         return merge(a)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     base = dict(dataset=a.dataset, split=a.split, encoder=a.encoder, epochs=a.epochs, lr=a.lr,
                 batch_size=a.batch_size, patience=a.patience, grokking=False)
     base.update({k: getattr(a, k) for k in ("synthetic_interactions", "synthetic_users", "synthetic_items")
