@@ -9,6 +9,7 @@ Per seed, on the same split, every choice made on validation (test is read once 
   lightgcn        LightGCN alone (BPR, early stopping on valid ndcg@20)
   gfcf            the GF-CF/BSPM graph filter, its (K, w, sharpening) chosen by a grid on valid
   content         the language branch alone (FusedHybridRec fusion="text", item titles)
+  textknn         the training-free text branch alone (TextKNN, the library's default neighbours and power)
   static          embedding-level static mix (FusedHybridRec fusion="static"): the weight chosen on
                   valid, coarse to fine: --static_coarse, then steps of 0.05 from the best until
                   both its neighbours are tried (an explicit --static_grid tries exactly that list)
@@ -20,6 +21,9 @@ Per seed, on the same split, every choice made on validation (test is read once 
   lightgcn+text   score-level mix of lightgcn (cold items scored 0, as ScoreHybrid does) and
                   content, weight in {0, 0.05, ..., 0.95} chosen on valid (ScoreHybrid's grid)
   gfcf+text       score-level mix of gfcf and content, weight chosen the same way
+  gfcf+textknn    score-level mix of gfcf and textknn, weight chosen the same way
+  auto            the library's default hybrid (text_branch auto): of gfcf+text and gfcf+textknn, the
+                  one with the better valid ndcg@20
 Per-context keys rank each context's items among themselves (cold: the split's test-cold items).
 Prints a markdown table (mean ± std over seeds) with each fusion against the best single branch and
 the gates against the static mixes, and writes everything to --json.
@@ -44,11 +48,11 @@ from glrec_fast.models.hybrid import ScoreFusion, tune_score_weight
 from glrec_fast.models.score_hybrid import HYBRID_GRID, cold_zero_scorer
 
 KEYS = ["recall@20", "ndcg@20", "ndcg@20/cold", "ndcg@20/warm", "ndcg@20/head", "ndcg@20/tail"]
-SINGLE = ["lightgcn", "gfcf", "content"]
+SINGLE = ["lightgcn", "gfcf", "content", "textknn"]
 GATED = {"gated": {}, "gated-cont": {"gate_features": "continuous"}, "gated-shared": {"user_gate": "shared"},
          "gated-learned-cold": {"cold_gate": "vector"}}
-MIXES = ["lightgcn+text", "gfcf+text"]
-VARIANTS = SINGLE + ["static", *GATED, *MIXES]
+MIXES = ["lightgcn+text", "gfcf+text", "gfcf+textknn"]
+VARIANTS = SINGLE + ["static", *GATED, *MIXES, "auto"]
 DEFAULT = [v for v in VARIANTS if v not in ("gated-shared", "gated-learned-cold")]
 
 
@@ -101,7 +105,7 @@ def one_seed(a, base, seed, log):
     need = set(a.variants)
     if need & {"lightgcn", "lightgcn+text"}:
         keep("lightgcn", *trained({**o, "model": "lightgcn"}))
-    if need & {"content", *MIXES}:
+    if need & {"content", "lightgcn+text", "gfcf+text", "auto"}:
         keep("content", *trained({**o, "model": "hybrid", "fusion": "text"}))
     if "static" in need:
         w, res, curve = tune_static(lambda w: trained({**o, "model": "hybrid", "fusion": "static",
@@ -112,7 +116,12 @@ def one_seed(a, base, seed, log):
         if name in need:
             init = {"gate_init": pick["static"]} if "static" in pick else {}
             keep(name, trained({**o, "model": "hybrid", "fusion": "gated", **init, **flags})[0])
-    if need & {"gfcf", "gfcf+text"}:
+    if need & {"textknn", "gfcf+textknn", "auto"}:
+        from glrec_fast import text
+        from glrec_fast.models.text_knn import TextKNN
+        knn = TextKNN(g, text.encode_items(ds, text.get_encoder(a.encoder, device="cpu"))).fit().scorer()
+        keep("textknn", {"valid": evaluate(knn, ds, g, "valid"), "test": evaluate(knn, ds, g, "test")}, knn)
+    if need & {"gfcf", "gfcf+text", "gfcf+textknn", "auto"}:
         ranks = tuple(sorted({min(r, g.num_items) for r in (128, 256, 512)}))   # a tiny graph has fewer
         grid = filters.grid_search(g, ds.valid, exclude=[ds.train], ranks=ranks,
                                    ideal_weights=(0.1, 0.3, 0.5), sharpen=(("euler", 1, 0.0), ("rk4", 1, 1.5)),
@@ -125,16 +134,21 @@ def one_seed(a, base, seed, log):
         keep("gfcf", {"valid": evaluate(gf, ds, g, "valid"), "test": evaluate(gf, ds, g, "test")}, gf)
         pick["gfcf"] = {k: best[k] for k in ("rank", "ideal_weight", "sharpen_time")}
     for name in MIXES:
-        if name not in need:
+        if name not in need and not (name.startswith("gfcf+") and "auto" in need):
             continue
-        graph_scorer = scorers["gfcf"] if name == "gfcf+text" else cold_zero_scorer(
+        graph_scorer = scorers["gfcf"] if name.startswith("gfcf+") else cold_zero_scorer(
             scorers["lightgcn"].user_emb, scorers["lightgcn"].item_emb, g.item_context == ITEM_COLD)
+        text_scorer = scorers["textknn" if name.endswith("textknn") else "content"]
         # The library's grid (ScoreHybrid.tune): a weight of 1.0 would tie every cold item.
-        w, _ = tune_score_weight(graph_scorer, scorers["content"], ds.valid, ds.num_users, ds.num_items,
+        w, _ = tune_score_weight(graph_scorer, text_scorer, ds.valid, ds.num_users, ds.num_items,
                                  exclude=[ds.train], grid=HYBRID_GRID)
-        mix = ScoreFusion(graph_scorer, scorers["content"], w)
+        mix = ScoreFusion(graph_scorer, text_scorer, w)
         keep(name, {"valid": evaluate(mix, ds, g, "valid"), "test": evaluate(mix, ds, g, "test")})
         pick[name] = w
+    if "auto" in need:   # ScoreHybrid's choice between its two text branches, on valid
+        choice = max(("gfcf+text", "gfcf+textknn"), key=lambda v: got[v]["valid"]["ndcg@20"])
+        keep("auto", got[choice])
+        pick["auto"] = choice
     log(f"chosen on valid: {pick}")
     return {v: r for v, r in got.items() if v in need}, pick
 
@@ -250,7 +264,7 @@ def report(a, results, chosen, wall_s) -> int:
     singles = [v for v in SINGLE if results.get(v)]
     if singles:
         best_single = max(singles, key=lambda v: agg(v, "ndcg@20")[0])
-        lines += [versus(v, best_single) for v in ("static", *GATED, *MIXES) if results.get(v)]
+        lines += [versus(v, best_single) for v in ("static", *GATED, *MIXES, "auto") if results.get(v)]
     statics = [v for v in ("static", *MIXES) if results.get(v)]
     if statics:   # the gates against the best tuned static mix (embedding or score level)
         best_static = max(statics, key=lambda v: agg(v, "ndcg@20")[0])

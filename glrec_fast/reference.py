@@ -306,6 +306,23 @@ def graph_filter_dense(train: torch.Tensor, num_users: int, num_items: int, v: t
     return (r @ p + ideal_weight * r @ ideal) @ poly_p
 
 
+def text_knn_dense(content: torch.Tensor, train: torch.Tensor, num_users: int, neighbours: int,
+                   power: float) -> torch.Tensor:
+    """TextKNN's scores of every user as dense matrices, written from the formula (small data only):
+    ``R @ S`` with ``S[j, i] = max(0, cos(c_j, c_i)) ** power`` kept for the ``neighbours`` largest
+    cosines of row ``j`` (the diagonal excluded), zero elsewhere."""
+    c = torch.nn.functional.normalize(content.double(), dim=1)
+    n = c.size(0)
+    sim = c @ c.T
+    sim.fill_diagonal_(-math.inf)
+    k = min(neighbours, n - 1)
+    top = torch.topk(sim, k, dim=1)
+    s = torch.zeros(n, n, dtype=torch.float64).scatter_(1, top.indices, top.values.clamp(min=0) ** power)
+    r = torch.zeros(num_users, n, dtype=torch.float64)
+    r[train[:, 0], train[:, 1]] = 1.0
+    return r @ s
+
+
 # --------------------------------------------------------------------------- full-ranking metrics
 def _dense_pair_mask(pairs: torch.Tensor, users: torch.Tensor, num_items: int) -> torch.Tensor:
     """Dense bool [len(users), num_items]: True at each (user, item) of ``pairs`` for those users."""

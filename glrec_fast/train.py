@@ -131,13 +131,13 @@ def check_config(cfg: dict) -> None:
     from .models.filters import SOLVERS
     from .models.hybrid import COLD_GATES, FUSIONS, GATE_FEATURES, GRAPH_BRANCHES, USER_GATES
     from .models.lightgcn import LightGCN
-    from .models.score_hybrid import FILTER_BRANCHES
+    from .models.score_hybrid import FILTER_BRANCHES, TEXT_BRANCHES
     from .text.encoders import ENCODER_NAMES
 
     choices = {"model": MODELS, "split": (None, *SPLITS), "loss": ("bpr", "softmax"), "lr_schedule": ("constant", "cosine"),
                "init": ("normal", "spectral"), "sharpen_solver": SOLVERS, "encoder": ENCODER_NAMES,
                "graph_branch": ("auto", *GRAPH_BRANCHES, *FILTER_BRANCHES), "fusion": (*FUSIONS, "score"), "cold_gate": COLD_GATES, "user_gate": USER_GATES,
-               "gate_features": GATE_FEATURES,
+               "gate_features": GATE_FEATURES, "text_branch": TEXT_BRANCHES,
                "propagate_dtype": tuple(LightGCN.PROPAGATE_DTYPES)}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
@@ -145,11 +145,11 @@ def check_config(cfg: dict) -> None:
     at_least = {"emb_dim": 1, "epochs": 1, "batch_size": 1, "eval_every": 1, "eval_batch_size": 1,
                 "num_negatives": 1, "text_hidden": 1, "grok_every": 1, "grok_sample_users": 1, "sharpen_steps": 1,
                 "num_layers": 0, "patience": 0, "eval_users": 0, "filter_rank": 0, "synthetic_users": 1, "synthetic_items": 1,
-                "synthetic_interactions": 1, "num_threads": 1}
+                "synthetic_interactions": 1, "num_threads": 1, "text_neighbours": 1}
     for key, lo in at_least.items():
         if cfg[key] is not None and cfg[key] < lo:
             raise ValueError(f"{key}: expected an integer >= {lo}, got {cfg[key]!r}")
-    positive = ("lr", "temperature", "init_std", "time_budget", "dist_timeout")
+    positive = ("lr", "temperature", "init_std", "time_budget", "dist_timeout", "text_power")
     for key in positive:
         if cfg[key] is not None and not cfg[key] > 0:
             raise ValueError(f"{key}: expected a number > 0, got {cfg[key]!r}")
@@ -557,8 +557,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
              "train_time_s": time.time() - t0}
     if hasattr(model, "gate_report"):
         extra["gates"] = model.gate_report()  # mean share of the graph branch per context
-    if hasattr(getattr(model, "graph_model", None), "hparams"):
-        extra["filter"] = model.graph_model.hparams    # the score hybrid's filter branch (as --model gfcf reports)
+    extra.update(_branch_hparams(model))
     if main_rank:
         for cb in callbacks:
             extra.update(cb.on_end(model=model, out=out) or {})
@@ -654,10 +653,27 @@ def load_export(path) -> dict:
     return {**ck, "train": data["train"], "user_ids": data["user_ids"], "item_ids": data["item_ids"]}
 
 
+def _branch_hparams(model) -> dict:
+    """metrics.json's record of a score hybrid's fitted branches: "filter" (as --model gfcf reports it)
+    and "text_knn"."""
+    out = {}
+    for key, branch in (("filter", getattr(model, "graph_model", None)),
+                        ("text_knn", model.text_in_use() if hasattr(model, "text_in_use") else None)):
+        if hasattr(branch, "hparams"):
+            out[key] = branch.hparams
+    return out
+
+
 def _fit_filter(cfg, model, ds, graph, device, out, t0) -> dict:
-    """A training-free model (gfcf, bspm): fit once, evaluate valid and test, export, report."""
+    """A training-free model (gfcf, bspm, the hybrid of a filter and TextKNN): fit once, choose the
+    hybrid's mix weight on every validation user, evaluate valid and test, export, report."""
     t_fit = time.time()
     model.fit()
+    if hasattr(model, "tune"):
+        if ds.valid.numel():
+            model.tune(ds.valid, exclude=[ds.train], batch_size=eval_batch_users(cfg, ds.num_items), max_users=None)
+        else:
+            log.info("no validation split: the score mix keeps static_weight=%.2f", float(model.weight))
     fit_s = time.time() - t_fit
     log.info("fitted %s %s in %.1fs", cfg["model"], model.hparams, fit_s)
     t_ev = time.time()
@@ -666,8 +682,11 @@ def _fit_filter(cfg, model, ds, graph, device, out, t0) -> dict:
     checkpoint.save(best, os.path.join(out, "best.pt"))
     results = {"valid": valid, "test": evaluate_split(model, ds, graph, "test", cfg, device)}
     extra = {"best_epoch": 0, "epochs_run": 0, "history": [], "model": cfg["model"], "filter": model.hparams,
+             **_branch_hparams(model),
              "dataset": ds.summary() if hasattr(ds, "summary") else str(ds), "fit_time_s": fit_s,
              "eval_time_s": time.time() - t_ev, "train_time_s": time.time() - t0}
+    if hasattr(model, "gate_report"):
+        extra["gates"] = model.gate_report()
     checkpoint.write_json(os.path.join(out, "metrics.json"), {**results, **extra})
     log.info("results (fit %.1fs, evaluation %.1fs):\n%s", fit_s, extra["eval_time_s"], metrics.format_table(results))
     return {**results, **extra}

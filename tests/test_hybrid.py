@@ -463,7 +463,8 @@ def test_cli_score_hybrid_with_filter_branch_on_the_cold_split(tmp_path):
     from glrec_fast.metrics import EmbeddingScorer
     out = tmp_path / "score"
     rc = train.main(SMALL_HYBRID + ["--split", "cold", "--fusion", "score", "--graph_branch", "gfcf",
-                                    "--filter_rank", "16", "--grokking", "false", "--out", str(out)])
+                                    "--text_branch", "trained", "--filter_rank", "16", "--grokking", "false",
+                                    "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     a = m["gates"]["score/graph_weight"]

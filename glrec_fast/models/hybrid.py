@@ -471,14 +471,27 @@ def _mean_of_items(content: torch.Tensor, graph) -> torch.Tensor:
     return out / deg
 
 
-def build(cfg: dict, ds, graph, device) -> FusedHybridRec:
-    """The hybrid for ``python -m glrec_fast.train --model hybrid`` (encodes item text, cached)."""
-    from .. import text
+def _check_text(ds) -> None:
     if getattr(ds, "item_text", None) is None:
         raise ValueError(f"--model hybrid: dataset {ds.name!r} has no item text for the language branch; "
                          f"use a dataset with text (ml-100k, synthetic, RecBole .item files) or --model lightgcn")
+
+
+def item_content(cfg: dict, ds, device, enc=None) -> torch.Tensor:
+    """The dataset's item text vectors [num_items, d] from ``enc`` (default: ``cfg``'s encoder), disk-cached."""
+    from .. import text
+    _check_text(ds)
+    if enc is None:
+        enc = text.get_encoder(cfg["encoder"], device=device, model_path=cfg.get("encoder_path"))
+    return text.encode_items(ds, enc)
+
+
+def build(cfg: dict, ds, graph, device) -> FusedHybridRec:
+    """The hybrid for ``python -m glrec_fast.train --model hybrid`` (encodes item text, cached)."""
+    from .. import text
+    _check_text(ds)
     enc = text.get_encoder(cfg["encoder"], device=device, model_path=cfg.get("encoder_path"))
-    content = text.encode_items(ds, enc)
+    content = item_content(cfg, ds, device, enc)
     user_text_vecs = None
     if getattr(ds, "user_text", None) is not None:
         user_text_vecs = text.encode_items(list(ds.user_text), enc)  # cached like item text

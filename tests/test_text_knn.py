@@ -1,0 +1,146 @@
+"""TextKNN, the training-free text branch, and the score hybrid that is fitted without training."""
+import json
+
+import pytest
+import torch
+
+from conftest import minilm
+from glrec_fast import BipartiteGraph, reference, train
+from glrec_fast.graph import ITEM_COLD
+from glrec_fast.models.text_knn import TextKNN
+
+
+def _graph(U=30, I=25, n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.stack([torch.randint(0, U - 2, (n,), generator=g), torch.randint(0, I - 5, (n,), generator=g)], 1)
+    return BipartiteGraph.from_interactions(e, U, I), e   # items I-5.. and users U-2.. have no interaction
+
+
+@pytest.mark.parametrize("neighbours,power", [(3, 2.0), (7, 1.0), (100, 3.5)])
+def test_text_knn_matches_the_dense_formula(neighbours, power):
+    g, e = _graph()
+    content = torch.randn(g.num_items, 8, generator=torch.Generator().manual_seed(1))
+    content[4] = 0.0                                            # an item without text: cosine 0 with all
+    m = TextKNN(g, content, neighbours=neighbours, power=power, chunk=6).fit()   # chunks that split rows
+    users = torch.tensor([5, 0, 29, 3, 28, 11])
+    got = m.scores(users)
+    want = reference.text_knn_dense(content, e, g.num_users, neighbours, power)[users]
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert m.nbr_idx.shape == (g.num_items, min(neighbours, g.num_items - 1))
+    assert not (m.nbr_idx == torch.arange(g.num_items)[:, None]).any()      # never its own neighbour
+    cold = g.item_context == ITEM_COLD
+    assert (got[:, cold] > 0).any()          # cold items are reached from the warm items they resemble
+    assert (got[2] == 0).all() and (got[4] == 0).all()          # users without training items
+
+
+def test_text_knn_export_round_trip_and_scorer():
+    g, _ = _graph()
+    m = TextKNN(g, torch.randn(g.num_items, 5), neighbours=4).fit()
+    back = TextKNN.from_export(g, m.export())
+    users = torch.arange(g.num_users)
+    assert torch.equal(back.scorer()(users), m.scores(users))
+    assert back.hparams == m.hparams == {"neighbours": 4, "power": 2.0}
+    bad = dict(m.export(), nbr_val=m.nbr_val[:, :2])
+    with pytest.raises(ValueError, match="neighbour tables"):
+        TextKNN.from_export(g, bad)
+
+
+def test_text_knn_rejects_bad_arguments_by_name():
+    g, _ = _graph()
+    c = torch.randn(g.num_items, 4)
+    with pytest.raises(ValueError, match="content: expected"):
+        TextKNN(g, c[:-1])
+    nan = c.clone()
+    nan[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        TextKNN(g, nan)
+    with pytest.raises(ValueError, match="text_neighbours"):
+        TextKNN(g, c, neighbours=0)
+    with pytest.raises(ValueError, match="text_power"):
+        TextKNN(g, c, power=0.0)
+    with pytest.raises(RuntimeError, match="fit"):
+        TextKNN(g, c).scores(torch.tensor([0]))
+
+
+def test_score_hybrid_of_a_trained_graph_branch_and_text_knn_trains_only_the_graph():
+    from glrec_fast.models.lightgcn import LightGCN
+    from glrec_fast.models.score_hybrid import ScoreHybrid
+    g, _ = _graph()
+    m = ScoreHybrid(g, LightGCN(g, dim=8, num_layers=2), TextKNN(g, torch.randn(g.num_items, 6)).fit())
+    assert m.trainable and m.branch_embeddings().keys() == {"graph"}
+    loss, parts = m.loss(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]), 1e-4)
+    loss.backward()
+    assert set(parts) == {"bpr_graph", "reg_graph"} and m.graph_model.ego.weight.grad.abs().sum() > 0
+
+
+@minilm
+def test_cli_fitted_hybrid_is_fitted_once_and_serves_recommend(tmp_path):
+    """--text_branch knn with the default graph branch (GF-CF): no training epochs, the mix weight
+    chosen on every validation user, and best.pt ranks exactly as the fitted model did."""
+    from glrec_fast.data import load_dataset
+    from glrec_fast.models import score_hybrid
+    out = tmp_path / "fit"
+    args = ["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
+            "--synthetic_interactions", "6000", "--encoder", "minilm", "--model", "hybrid", "--split", "cold",
+            "--num_threads", "1", "--text_branch", "knn", "--out", str(out)]
+    assert train.main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs_run"] == 0 and m["text_knn"] == {"neighbours": 20, "power": 2.0} and "rank" in m["filter"]
+    assert m["test"]["ndcg@20"] > 0.05 and m["test"]["n_users/cold"] > 0
+    a = m["gates"]["score/graph_weight"]
+    # The weight is the one tune_score_weight picks on all validation users.
+    from glrec_fast import config
+    cfg = train.resolve_graph_branch(config.resolve(args), ds := load_dataset(
+        "synthetic", split="cold", seed=0, num_users=300, num_items=150, num_interactions=6000))
+    g = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+    model = score_hybrid.build(cfg, ds, g, torch.device("cpu"))
+    assert model.tune(ds.valid, exclude=[ds.train], max_users=None) == pytest.approx(a)
+    users = torch.arange(ds.num_users)
+    ex = train.load_export(out / "best.pt")
+    torch.testing.assert_close(train.scorer_from_export(ex)(users), model.scorer()(users))
+    top = train.recommend(out / "best.pt", [ds.user_ids[0].item()], k=5)
+    assert len(top[0]) == 5
+
+
+def test_auto_text_branch_keeps_the_text_branch_that_mixes_better_on_valid():
+    from glrec_fast.models.hybrid import FusedHybridRec, tune_score_weight
+    from glrec_fast.models.lightgcn import LightGCN
+    from glrec_fast.models.score_hybrid import HYBRID_GRID, ScoreHybrid
+    g, e = _graph()
+    torch.manual_seed(0)
+    knn = TextKNN(g, torch.randn(g.num_items, 6), neighbours=3).fit()
+    m = ScoreHybrid(g, LightGCN(g, dim=8, num_layers=2), FusedHybridRec(g, torch.randn(g.num_items, 6), fusion="text",
+                                                                         dim=8), text_knn=knn)
+    assert m.trainable and m.text_in_use() is m.text_model
+    for target in ("knn", "trained"):
+        # Validation pairs that one text branch ranks first for every user.
+        text = knn if target == "knn" else m.text_model
+        users = torch.arange(g.num_users - 2)
+        valid = torch.stack([users, text.scorer()(users).masked_fill(
+            reference._dense_pair_mask(e, users, g.num_items), -1e9).argmax(1)], 1)
+        m.tune(valid, exclude=[e])
+        want = {c: tune_score_weight(*m.branch_scorers(t), valid, g.num_users, g.num_items, exclude=[e], grid=HYBRID_GRID)
+                for c, t in (("trained", m.text_model), ("knn", knn))}
+        score = {c: dict(t)[a]["ndcg@20"] for c, (a, t) in want.items()}
+        chosen = "knn" if score["knn"] > score["trained"] else "trained"
+        assert m.text_in_use() is (knn if chosen == "knn" else m.text_model)
+        assert float(m.weight) == pytest.approx(want[chosen][0])
+        assert m.gate_report()["score/text_knn"] == float(chosen == "knn")
+        assert ("text_knn" in m.export()["text_branch"]) == (chosen == "knn")
+    with pytest.raises(ValueError, match="text_knn"):
+        ScoreHybrid(g, m.graph_model, knn, text_knn=knn)
+
+
+@minilm
+def test_cli_auto_text_branch_trains_and_reports_its_choice(tmp_path):
+    out = tmp_path / "auto"
+    args = ["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
+            "--synthetic_interactions", "6000", "--encoder", "minilm", "--model", "hybrid", "--epochs", "2",
+            "--num_threads", "1", "--grokking", "false", "--out", str(out)]
+    assert train.main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs_run"] == 2 and m["gates"]["score/text_knn"] in (0.0, 1.0)
+    assert ("text_knn" in m) == (m["gates"]["score/text_knn"] == 1.0)
+    ex = train.load_export(out / "best.pt")
+    assert ("text_knn" in ex["text_branch"]) == (m["gates"]["score/text_knn"] == 1.0)
+    assert len(train.recommend(out / "best.pt", [ex["user_ids"][0]], k=3)[0]) == 3
