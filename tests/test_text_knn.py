@@ -10,6 +10,10 @@ from glrec_fast.graph import ITEM_COLD
 from glrec_fast.models.text_knn import TextKNN
 
 
+SMALL = ["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
+         "--synthetic_interactions", "6000", "--encoder", "minilm", "--model", "hybrid", "--num_threads", "1"]
+
+
 def _graph(U=30, I=25, n=200, seed=0):
     g = torch.Generator().manual_seed(seed)
     e = torch.stack([torch.randint(0, U - 2, (n,), generator=g), torch.randint(0, I - 5, (n,), generator=g)], 1)
@@ -80,9 +84,7 @@ def test_cli_fitted_hybrid_is_fitted_once_and_serves_recommend(tmp_path):
     from glrec_fast.data import load_dataset
     from glrec_fast.models import score_hybrid
     out = tmp_path / "fit"
-    args = ["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
-            "--synthetic_interactions", "6000", "--encoder", "minilm", "--model", "hybrid", "--split", "cold",
-            "--num_threads", "1", "--text_branch", "knn", "--out", str(out)]
+    args = SMALL + ["--split", "cold", "--text_branch", "knn", "--out", str(out)]
     assert train.main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["epochs_run"] == 0 and m["text_knn"] == {"neighbours": 20, "power": 2.0} and "rank" in m["filter"]
@@ -134,9 +136,7 @@ def test_auto_text_branch_keeps_the_text_branch_that_mixes_better_on_valid():
 @minilm
 def test_cli_auto_text_branch_trains_and_reports_its_choice(tmp_path):
     out = tmp_path / "auto"
-    args = ["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "150",
-            "--synthetic_interactions", "6000", "--encoder", "minilm", "--model", "hybrid", "--epochs", "2",
-            "--num_threads", "1", "--grokking", "false", "--out", str(out)]
+    args = SMALL + ["--epochs", "2", "--grokking", "false", "--out", str(out)]
     assert train.main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["epochs_run"] == 2 and m["gates"]["score/text_knn"] in (0.0, 1.0)
