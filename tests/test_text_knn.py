@@ -144,3 +144,56 @@ def test_cli_auto_text_branch_trains_and_reports_its_choice(tmp_path):
     ex = train.load_export(out / "best.pt")
     assert ("text_knn" in ex["text_branch"]) == (m["gates"]["score/text_knn"] == 1.0)
     assert len(train.recommend(out / "best.pt", [ex["user_ids"][0]], k=3)[0]) == 3
+
+
+def _two_scorers(g, seed=0):
+    from glrec_fast.metrics import EmbeddingScorer
+    gen = torch.Generator().manual_seed(seed)
+    cold = g.item_context == ITEM_COLD
+    item_g = torch.randn(g.num_items, 4, generator=gen).masked_fill(cold[:, None], 0.0)   # cold: one graph score
+    return (EmbeddingScorer(torch.randn(g.num_users, 4, generator=gen), item_g),
+            EmbeddingScorer(torch.randn(g.num_users, 4, generator=gen), torch.randn(g.num_items, 4, generator=gen)))
+
+
+def test_score_fusion_mixes_cold_items_with_their_own_weight():
+    from glrec_fast.models.hybrid import ScoreFusion
+    g, _ = _graph()
+    gs, ts = _two_scorers(g)
+    cold = g.item_context == ITEM_COLD
+    users = torch.arange(g.num_users)
+    zg, zt = ScoreFusion.standardise(gs(users)), ScoreFusion.standardise(ts(users))
+    got = ScoreFusion(gs, ts, 0.7, 0.2, cold)(users)
+    want = torch.where(cold[None, :], 0.2 * zg + 0.8 * zt, 0.7 * zg + 0.3 * zt)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ScoreFusion(gs, ts, 0.7)(users), 0.7 * zg + 0.3 * zt)
+    order = torch.randperm(g.num_items, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ScoreFusion(gs, ts, 0.7, 0.2, cold).reorder(order)(users), got[:, order])
+    with pytest.raises(ValueError, match="go together"):
+        ScoreFusion(gs, ts, 0.7, 0.2)
+    with pytest.raises(ValueError, match="cold_weight"):
+        ScoreFusion(gs, ts, 0.7, 1.5, cold)
+
+
+def test_tune_cold_weight_picks_the_best_full_ranking_on_valid():
+    from glrec_fast import metrics
+    from glrec_fast.models.hybrid import ScoreFusion, tune_cold_weight
+    from glrec_fast.models.score_hybrid import HYBRID_GRID
+    g, e = _graph()
+    gs, ts = _two_scorers(g, seed=1)
+    cold = g.item_context == ITEM_COLD
+    # Valid pairs: half of the users' held-out item is cold, so the cold weight matters.
+    users = torch.arange(g.num_users - 2)
+    gen = torch.Generator().manual_seed(4)
+    items = torch.where(users % 2 == 0, torch.randint(g.num_items - 5, g.num_items, (users.numel(),), generator=gen),
+                        torch.randint(0, g.num_items - 5, (users.numel(),), generator=gen))
+    valid = torch.stack([users, items], 1)
+    valid = valid[~torch.isin(valid[:, 0] * g.num_items + valid[:, 1], e[:, 0] * g.num_items + e[:, 1])]
+    a_cold, table = tune_cold_weight(gs, ts, 0.6, cold, valid, g.num_users, g.num_items, exclude=[e], grid=HYBRID_GRID)
+    brute = {a: metrics.evaluate(ScoreFusion(gs, ts, 0.6, a, cold), valid, g.num_users, g.num_items, exclude=[e],
+                                 ks=(20,))["ndcg@20"] for a in HYBRID_GRID}
+    for a, m in table:
+        assert m["ndcg@20"] == pytest.approx(brute[a], abs=1e-6)
+    best = max(brute.values())
+    tied = [a for a in HYBRID_GRID if brute[a] >= best - 1e-6]
+    assert a_cold == (0.6 if 0.6 in tied else min(tied))
+    assert len(set(round(v, 6) for v in brute.values())) > 1      # the case can tell weights apart

@@ -519,10 +519,18 @@ class ScoreFusion:
 
     fresh_tiles = True
 
-    def __init__(self, graph_scorer, text_scorer, weight: float):
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"weight: expected a share of the graph branch in [0, 1], got {weight!r}")
+    def __init__(self, graph_scorer, text_scorer, weight: float, cold_weight: float | None = None,
+                 cold: torch.Tensor | None = None):
+        for name, w in (("weight", weight), ("cold_weight", weight if cold_weight is None else cold_weight)):
+            if not 0.0 <= w <= 1.0:
+                raise ValueError(f"{name}: expected a share of the graph branch in [0, 1], got {w!r}")
+        if (cold_weight is None) != (cold is None):
+            raise ValueError("cold_weight and cold (the bool mask of cold items) go together")
         self.graph_scorer, self.text_scorer, self.weight = graph_scorer, text_scorer, float(weight)
+        # Items with no training interaction (``cold``) mix with their own weight: a filter branch
+        # scores them all alike, so their weight sets where they rank against warm items.
+        self.cold_weight = None if cold_weight is None else float(cold_weight)
+        self.cold = None if cold is None else cold.to(torch.bool)
 
     @staticmethod
     def standardise(s: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -542,15 +550,24 @@ class ScoreFusion:
 
     def __call__(self, users):
         a = self.weight
-        out = self.branch_z(self.graph_scorer, users).mul_(a)
-        return out.add_(self.branch_z(self.text_scorer, users), alpha=1.0 - a)
+        zg = self.branch_z(self.graph_scorer, users)
+        zt = self.branch_z(self.text_scorer, users)
+        cold_mix = None
+        if self.cold_weight is not None and bool(self.cold.any()):
+            cold = self.cold.to(zg.device)
+            cold_mix = zg[:, cold].mul_(self.cold_weight).add_(zt[:, cold], alpha=1.0 - self.cold_weight)
+        out = zg.mul_(a).add_(zt, alpha=1.0 - a)
+        if cold_mix is not None:
+            out[:, cold] = cold_mix
+        return out
 
     def reorder(self, order):
         def re(s):
             if hasattr(s, "reorder"):
                 return s.reorder(order)
             return lambda us: (lambda t: t.index_select(1, order.to(t.device)))(s(us))
-        return ScoreFusion(re(self.graph_scorer), re(self.text_scorer), self.weight)
+        cold = None if self.cold is None else self.cold[order.to(self.cold.device)]
+        return ScoreFusion(re(self.graph_scorer), re(self.text_scorer), self.weight, self.cold_weight, cold)
 
 
 @torch.no_grad()
@@ -590,6 +607,47 @@ def tune_score_weight(graph_scorer, text_scorer, valid: torch.Tensor, num_users:
     n = users.numel()
     table = [(a, {**{name: v / n for name, v in s.items()}, "n_users": n}) for a, s in zip(grid, sums)]
     best = max(table, key=lambda t: (t[1].get(key, -1.0), -t[0]))
+    return best[0], table
+
+
+@torch.no_grad()
+def tune_cold_weight(graph_scorer, text_scorer, weight: float, cold: torch.Tensor, valid: torch.Tensor,
+                     num_users: int, num_items: int, exclude=(), grid=None, key: str = "ndcg@20",
+                     batch_size: int = 1024) -> tuple[float, list]:
+    """``ScoreFusion``'s ``cold_weight`` with the best validation ``key`` (at cut-off 20) over ``grid``,
+    warm items mixed at ``weight``; ties go to ``weight`` itself (one weight for every item), then to the
+    smaller weight. Each user batch is scored and masked once; a candidate weight rewrites only the
+    cold columns and ranks the full tile, so the choice is exact. Returns (weight, [(w, metrics)])."""
+    from .. import metrics
+    grid = [round(0.05 * j, 2) for j in range(20)] if grid is None else [float(a) for a in grid]
+    valid = valid.to(torch.long).cpu()
+    metrics._check_pairs("valid", valid, num_users, num_items)
+    excl = [metrics._exclusion_csr(j, p, num_users, num_items) for j, p in enumerate(exclude)]
+    test_keys = torch.sort(valid[:, 0] * num_items + valid[:, 1]).values
+    n_rel = torch.bincount(valid[:, 0], minlength=num_users)
+    users = torch.unique(valid[:, 0])
+    cold = cold.to(torch.bool).cpu()
+    k = min(20, num_items)
+    discount = metrics.discounts(k)
+    sums = [dict() for _ in grid]
+    for start in range(0, users.numel(), batch_size):
+        ub = users[start:start + batch_size]
+        zg = ScoreFusion.branch_z(graph_scorer, ub).cpu()
+        zt = ScoreFusion.branch_z(text_scorer, ub).cpu()
+        cg, ct = zg[:, cold], zt[:, cold]
+        tile = zg.mul_(weight).add_(zt, alpha=1.0 - weight)
+        for rp, it in excl:
+            row, col = metrics.csr_rows(rp, it, ub)
+            tile[row, col] = -math.inf
+        masked = torch.isneginf(tile[:, cold])
+        for j, a in enumerate(grid):
+            tile[:, cold] = (cg * a + ct * (1.0 - a)).masked_fill_(masked, -math.inf)
+            top = torch.topk(tile, k, dim=1).indices
+            for (m, kk), v in metrics.ranked_metrics(top, ub, test_keys, n_rel[ub], num_items, (20,), discount).items():
+                sums[j][f"{m}@{kk}"] = sums[j].get(f"{m}@{kk}", 0.0) + float(v.sum())
+    n = users.numel()
+    table = [(a, {**{name: v / n for name, v in s.items()}, "n_users": n}) for a, s in zip(grid, sums)]
+    best = max(table, key=lambda t: (t[1].get(key, -1.0), t[0] == weight, -t[0]))
     return best[0], table
 
 

@@ -11,7 +11,8 @@
   one training while every validation picks whichever mixes better (the fitted one is ready from
   the first evaluation, so a good model exists within seconds and training only has to beat it);
 * score: ``ScoreFusion``: ``a * z(graph scores) + (1 - a) * z(text scores)`` with ``z`` the per-user
-  standardisation, so one weight means the same thing for branches on different scales.
+  standardisation, so one weight means the same thing for branches on different scales; items with
+  no training interaction (cold) mix with their own weight ``a_cold``.
 
 The branches do not interact in training (the loss is the sum of their own losses), so the mix
 weight ``a`` can be chosen without retraining: at every validation the training loop calls
@@ -31,7 +32,7 @@ import torch
 
 from ..graph import ITEM_COLD
 from .base import Recommender
-from .hybrid import ScoreFusion, tune_score_weight
+from .hybrid import ScoreFusion, tune_cold_weight, tune_score_weight
 
 FILTER_BRANCHES = ("gfcf", "bspm")
 TEXT_BRANCHES = ("auto", "knn", "trained")
@@ -70,6 +71,8 @@ class ScoreHybrid(Recommender):
         self.num_users, self.num_items = graph.num_users, graph.num_items
         self.graph_model, self.text_model, self.text_knn = graph_model, text_model, text_knn
         self.register_buffer("weight", torch.tensor(float(weight)))
+        # The cold items' own weight (tune() chooses it after ``weight``; until then the same).
+        self.register_buffer("cold_weight", torch.tensor(float(weight)))
         # With text_knn: which text branch the mix uses (0: text_model, 1: text_knn), chosen by tune().
         self.register_buffer("text_choice", torch.tensor(0))
         self.register_buffer("item_context", graph.item_context.clone())
@@ -150,7 +153,8 @@ class ScoreHybrid(Recommender):
 
     @torch.no_grad()
     def scorer(self):
-        return ScoreFusion(*self.branch_scorers(), float(self.weight))
+        return ScoreFusion(*self.branch_scorers(), float(self.weight), float(self.cold_weight),
+                           self.item_context == ITEM_COLD)
 
     @torch.no_grad()
     def tune(self, valid: torch.Tensor, exclude=(), batch_size: int = 1024, max_users: int | None = TUNE_USERS,
@@ -161,7 +165,11 @@ class ScoreHybrid(Recommender):
         at every evaluation. Each user batch is scored once per branch (a filter branch's scores come
         from its memo after the first time) and each weight ranks only the two branches' top
         candidates (``tune_score_weight``). With a ``text_knn`` beside a trained text branch, both are
-        tuned and the text branch of the better mix is used (ties: the trained one)."""
+        tuned and the text branch of the better mix is used (ties: the trained one). Then, when the
+        graph has cold items, their own weight (``cold_weight``, ``tune_cold_weight``) on the same users:
+        a filter branch scores every cold item alike, so that weight sets where cold items rank among
+        warm ones (on amazon-beauty's cold split the graph share chosen for cold items is far below
+        the warm items'; bench/RESULTS.md "A training-free text branch")."""
         users = torch.unique(valid[:, 0])
         if max_users is not None and users.numel() > max_users:
             pick = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(seed))[:max_users]
@@ -176,16 +184,22 @@ class ScoreHybrid(Recommender):
                 value = dict(table)[a].get("ndcg@20", -1.0)
                 if best is None or value > best[0]:
                     best = (value, choice, a, table)
+            _, choice, a, self.tuning = best
+            self.text_choice.fill_(choice)
+            self.weight.fill_(a)
+            self.cold_weight.fill_(a)
+            cold = self.item_context == ITEM_COLD
+            if bool(cold.any()):
+                a_cold, _ = tune_cold_weight(*self.branch_scorers(), a, cold, valid, self.num_users, self.num_items,
+                                             exclude=exclude, grid=HYBRID_GRID, batch_size=batch_size)
+                self.cold_weight.fill_(a_cold)
         finally:
             self.train(was)
-        _, choice, a, self.tuning = best
-        self.text_choice.fill_(choice)
-        self.weight.fill_(a)
         return a
 
     def gate_report(self) -> dict[str, float]:
         """The mix as metrics.json's "gates" reports it: the graph branch's share of the score."""
-        out = {"score/graph_weight": float(self.weight)}
+        out = {"score/graph_weight": float(self.weight), "score/graph_weight_cold": float(self.cold_weight)}
         if self.text_knn is not None:   # 1: the training-free text branch won on validation
             out["score/text_knn"] = float(self.text_choice)
         return out
@@ -206,7 +220,8 @@ class ScoreHybrid(Recommender):
     @torch.no_grad()
     def export(self) -> dict:
         """What ``recommend`` needs: both branches' exports and the weight."""
-        return {"score_fusion": {"weight": float(self.weight), "graph_branch_kind": "filter" if not self.graph_trained
+        return {"score_fusion": {"weight": float(self.weight), "cold_weight": float(self.cold_weight),
+                                 "graph_branch_kind": "filter" if not self.graph_trained
                                  else "embeddings"},
                 "graph_branch": self.graph_model.export(), "text_branch": self.text_in_use().export()}
 
@@ -225,7 +240,8 @@ class ScoreHybrid(Recommender):
             t = TextKNN.from_export(graph, t_ex).scorer()
         else:
             t = EmbeddingScorer(t_ex["user_emb"], t_ex["item_emb"])
-        return ScoreFusion(g, t, ck["score_fusion"]["weight"])
+        sf = ck["score_fusion"]
+        return ScoreFusion(g, t, sf["weight"], sf.get("cold_weight", sf["weight"]), graph.item_context == ITEM_COLD)
 
 
 def build(cfg: dict, ds, graph, device) -> ScoreHybrid:
