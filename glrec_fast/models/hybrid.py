@@ -581,33 +581,57 @@ def tune_score_weight(graph_scorer, text_scorer, valid: torch.Tensor, num_users:
     20 then comes from :func:`mixed_top_k` on ``candidates`` items per branch, so a weight costs a few
     [batch, 2 * candidates] operations instead of a full [batch, items] tile and ranking. The top 20
     are exactly the full ranking's (checked per user, recomputed in full where the check fails)."""
-    from .. import metrics
     grid = [round(0.05 * j, 2) for j in range(21)] if grid is None else [float(a) for a in grid]
-    valid = valid.to(torch.long).cpu()
-    metrics._check_pairs("valid", valid, num_users, num_items)
-    excl = [metrics._exclusion_csr(j, p, num_users, num_items) for j, p in enumerate(exclude)]
-    test_keys = torch.sort(valid[:, 0] * num_items + valid[:, 1]).values
-    n_rel = torch.bincount(valid[:, 0], minlength=num_users)
-    users = torch.unique(valid[:, 0])
-    k = min(20, num_items)
-    discount = metrics.discounts(k)
-    sums = [dict() for _ in grid]
-    for start in range(0, users.numel(), batch_size):
-        ub = users[start:start + batch_size]
-        zg = ScoreFusion.branch_z(graph_scorer, ub).cpu()
-        zt = ScoreFusion.branch_z(text_scorer, ub).cpu()
-        for rp, it in excl:
-            row, col = metrics.csr_rows(rp, it, ub)
-            zg[row, col] = -math.inf
-            zt[row, col] = -math.inf
-        for j, top in enumerate(mixed_top_k(zg, zt, grid, k, candidates)):
-            for (m, kk), v in metrics.ranked_metrics(top, ub, test_keys, n_rel[ub], num_items, (20,), discount).items():
-                name = f"{m}@{kk}"
-                sums[j][name] = sums[j].get(name, 0.0) + float(v.sum())
-    n = users.numel()
-    table = [(a, {**{name: v / n for name, v in s.items()}, "n_users": n}) for a, s in zip(grid, sums)]
+    sums = _GridSums(valid, num_users, num_items, exclude, grid)
+    for ub in sums.batches(batch_size):
+        zg, zt = sums.masked(ScoreFusion.branch_z(graph_scorer, ub).cpu(), ScoreFusion.branch_z(text_scorer, ub).cpu(),
+                             users=ub)
+        for j, top in enumerate(mixed_top_k(zg, zt, grid, sums.k, candidates)):
+            sums.add(j, top, ub)
+    table = sums.table()
     best = max(table, key=lambda t: (t[1].get(key, -1.0), -t[0]))
     return best[0], table
+
+
+class _GridSums:
+    """The weight tuners' shared part: the validation pairs' lookups, the exclusion CSRs, and per grid
+    weight the sums of each user's recall/ndcg@20 (``metrics.ranked_metrics``) over the user batches."""
+
+    def __init__(self, valid: torch.Tensor, num_users: int, num_items: int, exclude, grid):
+        from .. import metrics
+        self.valid = valid.to(torch.long).cpu()
+        metrics._check_pairs("valid", self.valid, num_users, num_items)
+        self.excl = [metrics._exclusion_csr(j, p, num_users, num_items) for j, p in enumerate(exclude)]
+        self.test_keys = torch.sort(self.valid[:, 0] * num_items + self.valid[:, 1]).values
+        self.n_rel = torch.bincount(self.valid[:, 0], minlength=num_users)
+        self.users = torch.unique(self.valid[:, 0])
+        self.num_items, self.grid = num_items, list(grid)
+        self.k = min(20, num_items)
+        self.discount = metrics.discounts(self.k)
+        self.sums = [dict() for _ in self.grid]
+
+    def batches(self, batch_size: int):
+        for start in range(0, self.users.numel(), batch_size):
+            yield self.users[start:start + batch_size]
+
+    def masked(self, *tiles, users):
+        """The tiles with every excluded (user, item) pair set to -inf (in place)."""
+        from .. import metrics
+        for rp, it in self.excl:
+            row, col = metrics.csr_rows(rp, it, users)
+            for t in tiles:
+                t[row, col] = -math.inf
+        return tiles
+
+    def add(self, j: int, top: torch.Tensor, users: torch.Tensor) -> None:
+        from .. import metrics
+        for (m, kk), v in metrics.ranked_metrics(top, users, self.test_keys, self.n_rel[users], self.num_items, (20,),
+                                                 self.discount).items():
+            self.sums[j][f"{m}@{kk}"] = self.sums[j].get(f"{m}@{kk}", 0.0) + float(v.sum())
+
+    def table(self) -> list:
+        n = self.users.numel()
+        return [(a, {**{name: v / n for name, v in s.items()}, "n_users": n}) for a, s in zip(self.grid, self.sums)]
 
 
 @torch.no_grad()
@@ -618,35 +642,19 @@ def tune_cold_weight(graph_scorer, text_scorer, weight: float, cold: torch.Tenso
     warm items mixed at ``weight``; ties go to ``weight`` itself (one weight for every item), then to the
     smaller weight. Each user batch is scored and masked once; a candidate weight rewrites only the
     cold columns and ranks the full tile, so the choice is exact. Returns (weight, [(w, metrics)])."""
-    from .. import metrics
     grid = [round(0.05 * j, 2) for j in range(20)] if grid is None else [float(a) for a in grid]
-    valid = valid.to(torch.long).cpu()
-    metrics._check_pairs("valid", valid, num_users, num_items)
-    excl = [metrics._exclusion_csr(j, p, num_users, num_items) for j, p in enumerate(exclude)]
-    test_keys = torch.sort(valid[:, 0] * num_items + valid[:, 1]).values
-    n_rel = torch.bincount(valid[:, 0], minlength=num_users)
-    users = torch.unique(valid[:, 0])
+    sums = _GridSums(valid, num_users, num_items, exclude, grid)
     cold = cold.to(torch.bool).cpu()
-    k = min(20, num_items)
-    discount = metrics.discounts(k)
-    sums = [dict() for _ in grid]
-    for start in range(0, users.numel(), batch_size):
-        ub = users[start:start + batch_size]
+    for ub in sums.batches(batch_size):
         zg = ScoreFusion.branch_z(graph_scorer, ub).cpu()
         zt = ScoreFusion.branch_z(text_scorer, ub).cpu()
         cg, ct = zg[:, cold], zt[:, cold]
-        tile = zg.mul_(weight).add_(zt, alpha=1.0 - weight)
-        for rp, it in excl:
-            row, col = metrics.csr_rows(rp, it, ub)
-            tile[row, col] = -math.inf
+        tile, = sums.masked(zg.mul_(weight).add_(zt, alpha=1.0 - weight), users=ub)
         masked = torch.isneginf(tile[:, cold])
         for j, a in enumerate(grid):
             tile[:, cold] = (cg * a + ct * (1.0 - a)).masked_fill_(masked, -math.inf)
-            top = torch.topk(tile, k, dim=1).indices
-            for (m, kk), v in metrics.ranked_metrics(top, ub, test_keys, n_rel[ub], num_items, (20,), discount).items():
-                sums[j][f"{m}@{kk}"] = sums[j].get(f"{m}@{kk}", 0.0) + float(v.sum())
-    n = users.numel()
-    table = [(a, {**{name: v / n for name, v in s.items()}, "n_users": n}) for a, s in zip(grid, sums)]
+            sums.add(j, torch.topk(tile, sums.k, dim=1).indices, ub)
+    table = sums.table()
     best = max(table, key=lambda t: (t[1].get(key, -1.0), t[0] == weight, -t[0]))
     return best[0], table
 
