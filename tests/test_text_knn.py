@@ -97,6 +97,11 @@ def test_cli_fitted_hybrid_is_fitted_once_and_serves_recommend(tmp_path):
     g = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
     model = score_hybrid.build(cfg, ds, g, torch.device("cpu"))
     assert model.tune(ds.valid, exclude=[ds.train], max_users=None) == pytest.approx(a)
+    # The cold items' own weight is the one tune_cold_weight picks after it.
+    from glrec_fast.models.hybrid import tune_cold_weight
+    a_cold, _ = tune_cold_weight(*model.branch_scorers(), a, g.item_context == ITEM_COLD, ds.valid, ds.num_users,
+                                 ds.num_items, exclude=[ds.train], grid=score_hybrid.HYBRID_GRID)
+    assert m["gates"]["score/graph_weight_cold"] == pytest.approx(a_cold) == float(model.cold_weight)
     users = torch.arange(ds.num_users)
     ex = train.load_export(out / "best.pt")
     torch.testing.assert_close(train.scorer_from_export(ex)(users), model.scorer()(users))
@@ -105,7 +110,7 @@ def test_cli_fitted_hybrid_is_fitted_once_and_serves_recommend(tmp_path):
 
 
 def test_auto_text_branch_keeps_the_text_branch_that_mixes_better_on_valid():
-    from glrec_fast.models.hybrid import FusedHybridRec, tune_score_weight
+    from glrec_fast.models.hybrid import FusedHybridRec, tune_cold_weight, tune_score_weight
     from glrec_fast.models.lightgcn import LightGCN
     from glrec_fast.models.score_hybrid import HYBRID_GRID, ScoreHybrid
     g, e = _graph()
@@ -121,12 +126,15 @@ def test_auto_text_branch_keeps_the_text_branch_that_mixes_better_on_valid():
         valid = torch.stack([users, text.scorer()(users).masked_fill(
             reference._dense_pair_mask(e, users, g.num_items), -1e9).argmax(1)], 1)
         m.tune(valid, exclude=[e])
-        want = {c: tune_score_weight(*m.branch_scorers(t), valid, g.num_users, g.num_items, exclude=[e], grid=HYBRID_GRID)
-                for c, t in (("trained", m.text_model), ("knn", knn))}
-        score = {c: dict(t)[a]["ndcg@20"] for c, (a, t) in want.items()}
+        want, score = {}, {}
+        for c, t in (("trained", m.text_model), ("knn", knn)):   # each judged with its cold weight tuned too
+            a, _ = tune_score_weight(*m.branch_scorers(t), valid, g.num_users, g.num_items, exclude=[e], grid=HYBRID_GRID)
+            a_cold, table = tune_cold_weight(*m.branch_scorers(t), a, g.item_context == ITEM_COLD, valid, g.num_users,
+                                             g.num_items, exclude=[e], grid=HYBRID_GRID)
+            want[c], score[c] = (a, a_cold), dict(table)[a_cold]["ndcg@20"]
         chosen = "knn" if score["knn"] > score["trained"] else "trained"
         assert m.text_in_use() is (knn if chosen == "knn" else m.text_model)
-        assert float(m.weight) == pytest.approx(want[chosen][0])
+        assert (float(m.weight), float(m.cold_weight)) == (pytest.approx(want[chosen][0]), pytest.approx(want[chosen][1]))
         assert m.gate_report()["score/text_knn"] == float(chosen == "knn")
         assert ("text_knn" in m.export()["text_branch"]) == (chosen == "knn")
     with pytest.raises(ValueError, match="text_knn"):
@@ -197,3 +205,35 @@ def test_tune_cold_weight_picks_the_best_full_ranking_on_valid():
     tied = [a for a in HYBRID_GRID if brute[a] >= best - 1e-6]
     assert a_cold == (0.6 if 0.6 in tied else min(tied))
     assert len(set(round(v, 6) for v in brute.values())) > 1      # the case can tell weights apart
+
+
+def test_score_hybrid_tune_sets_the_cold_weight_after_the_weight():
+    from glrec_fast.models.hybrid import tune_cold_weight, tune_score_weight
+    from glrec_fast.models.score_hybrid import HYBRID_GRID, ScoreHybrid
+    g, e = _graph()
+    gs, _ = _two_scorers(g, seed=1)
+
+    class Fixed(torch.nn.Module):   # a fitted graph branch with known scores (cold items score 0)
+        trainable = False
+
+        def memoise(self, max_bytes):
+            pass
+
+        def scorer(self):
+            return gs
+    m = ScoreHybrid(g, Fixed(), TextKNN(g, torch.randn(g.num_items, 6, generator=torch.Generator().manual_seed(2)),
+                                        neighbours=3).fit())
+    users = torch.arange(g.num_users - 2)
+    gen = torch.Generator().manual_seed(4)
+    items = torch.where(users % 2 == 0, torch.randint(g.num_items - 5, g.num_items, (users.numel(),), generator=gen),
+                        torch.randint(0, g.num_items - 5, (users.numel(),), generator=gen))
+    valid = torch.stack([users, items], 1)
+    valid = valid[~torch.isin(valid[:, 0] * g.num_items + valid[:, 1], e[:, 0] * g.num_items + e[:, 1])]
+    a = m.tune(valid, exclude=[e])
+    want_a, _ = tune_score_weight(*m.branch_scorers(), valid, g.num_users, g.num_items, exclude=[e], grid=HYBRID_GRID)
+    want_cold, _ = tune_cold_weight(*m.branch_scorers(), a, g.item_context == ITEM_COLD, valid, g.num_users,
+                                    g.num_items, exclude=[e], grid=HYBRID_GRID)
+    assert a == want_a and float(m.cold_weight) == pytest.approx(want_cold)
+    assert want_cold != pytest.approx(a)                     # the case tells the two weights apart
+    s = m.scorer()
+    assert (s.weight, s.cold_weight) == (pytest.approx(a), pytest.approx(want_cold))

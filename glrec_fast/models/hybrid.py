@@ -531,6 +531,7 @@ class ScoreFusion:
         # scores them all alike, so their weight sets where they rank against warm items.
         self.cold_weight = None if cold_weight is None else float(cold_weight)
         self.cold = None if cold is None else cold.to(torch.bool)
+        self._mix_cold = self.cold is not None and self.cold_weight != self.weight and bool(self.cold.any())
 
     @staticmethod
     def standardise(s: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -553,7 +554,7 @@ class ScoreFusion:
         zg = self.branch_z(self.graph_scorer, users)
         zt = self.branch_z(self.text_scorer, users)
         cold_mix = None
-        if self.cold_weight is not None and bool(self.cold.any()):
+        if self._mix_cold:
             cold = self.cold.to(zg.device)
             cold_mix = zg[:, cold].mul_(self.cold_weight).add_(zt[:, cold], alpha=1.0 - self.cold_weight)
         out = zg.mul_(a).add_(zt, alpha=1.0 - a)

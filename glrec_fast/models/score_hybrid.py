@@ -17,9 +17,10 @@
 The branches do not interact in training (the loss is the sum of their own losses), so the mix
 weight ``a`` can be chosen without retraining: at every validation the training loop calls
 ``tune(valid, exclude)``, which picks ``a`` on 0..0.95 in steps of 0.05 (``tune_score_weight``), and
-the best epoch keeps its ``a``. When neither branch trains (a graph filter and TextKNN: the default
-hybrid), the model is fitted once and ``a`` chosen on every validation user; nothing else runs. A filter branch never changes, so its scores of the users validation
-ranks are kept in memory (``FILTER_MEMO_BYTES``) and computed once per run. Items without a training interaction (cold items) get a graph score
+the best epoch keeps its ``a``. When neither branch trains (a graph filter and TextKNN), the model is
+fitted once and ``a`` chosen on every validation user; nothing else runs. A filter branch never
+changes, so its scores of the users validation ranks are kept in memory (``FILTER_MEMO_BYTES``) and
+computed once per run. Items without a training interaction (cold items) get a graph score
 of 0, a constant per user, so among cold items the ranking is the text branch's alone.
 
 Measured on amazon-beauty (bench/RESULTS.md, "Score-level hybrid"): the score mix of the graph
@@ -149,7 +150,7 @@ class ScoreHybrid(Recommender):
             g = cold_zero_scorer(ex["user_emb"].to(dev), ex["item_emb"].to(dev), self.item_context == ITEM_COLD)
         else:
             g = self.graph_model.scorer()
-        return g, (text or self.text_in_use()).scorer()
+        return g, (text if text is not None else self.text_in_use()).scorer()
 
     @torch.no_grad()
     def scorer(self):
@@ -164,9 +165,10 @@ class ScoreHybrid(Recommender):
         and every weight is scored on the same users, so a sample suffices; the training loop calls this
         at every evaluation. Each user batch is scored once per branch (a filter branch's scores come
         from its memo after the first time) and each weight ranks only the two branches' top
-        candidates (``tune_score_weight``). With a ``text_knn`` beside a trained text branch, both are
-        tuned and the text branch of the better mix is used (ties: the trained one). Then, when the
-        graph has cold items, their own weight (``cold_weight``, ``tune_cold_weight``) on the same users:
+        candidates (``tune_score_weight``). When the graph has cold items, their own weight follows
+        (``cold_weight``, ``tune_cold_weight``) on the same users. With a ``text_knn`` beside a trained
+        text branch, both are tuned this way and the text branch of the better mix is used (ties: the
+        trained one). The cold weight matters here:
         a filter branch scores every cold item alike, so that weight sets where cold items rank among
         warm ones (on amazon-beauty's cold split the graph share chosen for cold items is far below
         the warm items'; bench/RESULTS.md "A training-free text branch")."""
@@ -177,22 +179,23 @@ class ScoreHybrid(Recommender):
         was = self.training
         self.eval()
         try:
+            cold = self.item_context == ITEM_COLD
             best = None
             for choice, text in enumerate([self.text_model] + ([self.text_knn] if self.text_knn is not None else [])):
-                a, table = tune_score_weight(*self.branch_scorers(text), valid, self.num_users, self.num_items,
+                scorers = self.branch_scorers(text)
+                a, table = tune_score_weight(*scorers, valid, self.num_users, self.num_items,
                                              exclude=exclude, grid=HYBRID_GRID, batch_size=batch_size)
-                value = dict(table)[a].get("ndcg@20", -1.0)
+                a_cold, value = a, dict(table)[a].get("ndcg@20", -1.0)
+                if bool(cold.any()):   # each text branch is judged with its cold weight tuned too
+                    a_cold, cold_table = tune_cold_weight(*scorers, a, cold, valid, self.num_users, self.num_items,
+                                                          exclude=exclude, grid=HYBRID_GRID, batch_size=batch_size)
+                    value = dict(cold_table)[a_cold].get("ndcg@20", -1.0)
                 if best is None or value > best[0]:
-                    best = (value, choice, a, table)
-            _, choice, a, self.tuning = best
+                    best = (value, choice, a, a_cold, table)
+            _, choice, a, a_cold, self.tuning = best
             self.text_choice.fill_(choice)
             self.weight.fill_(a)
-            self.cold_weight.fill_(a)
-            cold = self.item_context == ITEM_COLD
-            if bool(cold.any()):
-                a_cold, _ = tune_cold_weight(*self.branch_scorers(), a, cold, valid, self.num_users, self.num_items,
-                                             exclude=exclude, grid=HYBRID_GRID, batch_size=batch_size)
-                self.cold_weight.fill_(a_cold)
+            self.cold_weight.fill_(a_cold)
         finally:
             self.train(was)
         return a
