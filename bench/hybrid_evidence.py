@@ -22,8 +22,9 @@ Per seed, on the same split, every choice made on validation (test is read once 
                   content, weight in {0, 0.05, ..., 0.95} chosen on valid (ScoreHybrid's grid)
   gfcf+text       score-level mix of gfcf and content, weight chosen the same way
   gfcf+textknn    score-level mix of gfcf and textknn, weight chosen the same way
-  auto            the library's default hybrid (text_branch auto): of gfcf+text and gfcf+textknn, the
-                  one with the better valid ndcg@20
+  auto            the library's default hybrid (text_branch auto): gfcf, content and textknn mixed as
+                  ScoreHybrid.tune chooses on every validation user (score_hybrid.choose_mix: the kNN
+                  share of the text side, the graph weight, and cold items' own weight)
 Per-context keys rank each context's items among themselves (cold: the split's test-cold items).
 Prints a markdown table (mean ± std over seeds) with each fusion against the best single branch and
 the gates against the static mixes, and writes everything to --json.
@@ -43,7 +44,7 @@ import torch
 from glrec_fast import config, metrics, train
 from glrec_fast.data import load_dataset
 from glrec_fast.graph import ITEM_COLD, BipartiteGraph
-from glrec_fast.models import filters
+from glrec_fast.models import filters, score_hybrid
 from glrec_fast.models.hybrid import ScoreFusion, tune_score_weight
 from glrec_fast.models.score_hybrid import HYBRID_GRID, cold_zero_scorer
 
@@ -134,7 +135,7 @@ def one_seed(a, base, seed, log):
         keep("gfcf", {"valid": evaluate(gf, ds, g, "valid"), "test": evaluate(gf, ds, g, "test")}, gf)
         pick["gfcf"] = {k: best[k] for k in ("rank", "ideal_weight", "sharpen_time")}
     for name in MIXES:
-        if name not in need and not (name.startswith("gfcf+") and "auto" in need):
+        if name not in need:
             continue
         graph_scorer = scorers["gfcf"] if name.startswith("gfcf+") else cold_zero_scorer(
             scorers["lightgcn"].user_emb, scorers["lightgcn"].item_emb, g.item_context == ITEM_COLD)
@@ -145,10 +146,14 @@ def one_seed(a, base, seed, log):
         mix = ScoreFusion(graph_scorer, text_scorer, w)
         keep(name, {"valid": evaluate(mix, ds, g, "valid"), "test": evaluate(mix, ds, g, "test")})
         pick[name] = w
-    if "auto" in need:   # ScoreHybrid's choice between its two text branches, on valid
-        choice = max(("gfcf+text", "gfcf+textknn"), key=lambda v: got[v]["valid"]["ndcg@20"])
-        keep("auto", got[choice])
-        pick["auto"] = choice
+    if "auto" in need:   # ScoreHybrid.tune's choice (score_hybrid.choose_mix) on every validation user
+        cold = g.item_context == ITEM_COLD
+        share, w, w_cold, _ = score_hybrid.choose_mix(scorers["gfcf"], scorers["content"], scorers["textknn"], cold,
+                                                      ds.valid, ds.num_users, ds.num_items, exclude=[ds.train])
+        mix = ScoreFusion(scorers["gfcf"], score_hybrid.text_side(scorers["content"], scorers["textknn"], share),
+                          w, w_cold, cold)
+        keep("auto", {"valid": evaluate(mix, ds, g, "valid"), "test": evaluate(mix, ds, g, "test")})
+        pick["auto"] = {"knn_share": share, "weight": w, "cold_weight": w_cold}
     log(f"chosen on valid: {pick}")
     return {v: r for v, r in got.items() if v in need}, pick
 

@@ -658,7 +658,7 @@ def _branch_hparams(model) -> dict:
     and "text_knn"."""
     out = {}
     for key, branch in (("filter", getattr(model, "graph_model", None)),
-                        ("text_knn", model.text_in_use() if hasattr(model, "text_in_use") else None)):
+                        ("text_knn", model.knn_in_use() if hasattr(model, "knn_in_use") else None)):
         if hasattr(branch, "hparams"):
             out[key] = branch.hparams
     return out

@@ -269,6 +269,59 @@ def test_score_fusion_equals_plain_torch_and_reorders():
         ScoreFusion(fused.graph_scorer, fused.text_scorer, 1.5)
 
 
+def test_zmix_is_the_three_way_mix_of_z_scores_and_reorders():
+    """ScoreFusion(graph, ZMix(trained, knn, s), a) is a z_g + (1-a) s z_k + (1-a)(1-s) z_t (no second
+    standardisation of the text side), also with -inf entries at the shares 0 and 1."""
+    from glrec_fast.models.hybrid import ScoreFusion, ZMix
+    torch.manual_seed(5)
+    G, T, K = torch.randn(9, 13) * 2, torch.randn(9, 13) + 3, torch.rand(9, 13)
+    users = torch.tensor([1, 4, 8])
+    z = lambda s: (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True)  # noqa: E731
+    gs, ts, ks = (lambda u: G[u]), (lambda u: T[u]), (lambda u: K[u])
+    got = ScoreFusion(gs, ZMix(ts, ks, 0.25), 0.4)(users)
+    want = 0.4 * z(G[users]) + 0.6 * 0.25 * z(K[users]) + 0.6 * 0.75 * z(T[users])
+    torch.testing.assert_close(got, want)
+    order = torch.randperm(13)
+    torch.testing.assert_close(ScoreFusion(gs, ZMix(ts, ks, 0.25), 0.4).reorder(order)(users), want[:, order])
+    T2 = T.clone()
+    T2[0, 3] = -math.inf
+    for share in (0.0, 1.0):   # an excluded item stays -inf, never nan
+        out = ZMix(lambda u: T2[u], ks, share)(torch.tensor([0]))
+        assert not torch.isnan(out).any() and (share == 1.0 or out[0, 3] == -math.inf)
+    with pytest.raises(ValueError, match="share"):
+        ZMix(ts, ks, 1.2)
+
+
+def test_score_share_search_equals_full_tile_ranking():
+    """tune_score_shares' table for every (kNN share, weight) equals reference.evaluate of that mix's
+    full tile, and a share of 0 is tune_score_weight's table."""
+    from glrec_fast import reference
+    from glrec_fast.models.hybrid import ScoreFusion, ZMix, tune_score_shares, tune_score_weight
+    torch.manual_seed(6)
+    U, I = 90, 500
+    G, T, K = torch.randn(U, I) * 3 + 1, torch.rand(U, I), torch.randn(U, I) ** 2
+    train_pairs = torch.stack([torch.arange(U).repeat_interleave(20), torch.randint(0, I, (U * 20,))], 1)
+    valid = torch.stack([torch.arange(U).repeat_interleave(3), torch.randint(0, I, (U * 3,))], 1)
+    valid = valid[~torch.isin(valid[:, 0] * I + valid[:, 1], train_pairs[:, 0] * I + train_pairs[:, 1])]
+    gs, ts, ks = (lambda u: G[u]), (lambda u: T[u]), (lambda u: K[u])
+    grid, shares = [0.0, 0.35, 1.0], [0.0, 0.3, 1.0]
+    tables = tune_score_shares(gs, ts, ks, shares, valid, U, I, exclude=[train_pairs], grid=grid, batch_size=40,
+                               candidates=30)
+    assert sorted(tables) == shares
+    seen = set()
+    for s, table in tables.items():
+        for a, got in table:
+            want = reference.evaluate(ScoreFusion(gs, ZMix(ts, ks, s), a), valid, U, I, exclude=[train_pairs], ks=(20,))
+            for key in ("recall@20", "ndcg@20"):
+                assert got[key] == pytest.approx(want[key], abs=1e-6), (s, a, key)
+            seen.add(round(got["ndcg@20"], 6))
+    assert len(seen) > 3                               # the case tells the mixes apart
+    _, table0 = tune_score_weight(gs, ts, valid, U, I, exclude=[train_pairs], grid=grid, batch_size=40, candidates=30)
+    assert table0 == tables[0.0]
+    with pytest.raises(ValueError, match="shares"):
+        tune_score_shares(gs, ts, None, [0.5], valid, U, I)
+
+
 @pytest.mark.parametrize("true_weight", [0.3, 0.85])
 def test_score_weight_search_picks_the_best_validation_weight(true_weight):
     """Each user's valid item is the top item of the mix at ``true_weight``: only that weight ranks

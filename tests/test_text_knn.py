@@ -109,34 +109,51 @@ def test_cli_fitted_hybrid_is_fitted_once_and_serves_recommend(tmp_path):
     assert len(top[0]) == 5
 
 
-def test_auto_text_branch_keeps_the_text_branch_that_mixes_better_on_valid():
-    from glrec_fast.models.hybrid import FusedHybridRec, tune_cold_weight, tune_score_weight
+def test_auto_text_branch_mixes_both_text_branches_as_valid_chooses():
+    """tune() with a trained text branch and a TextKNN: the kNN share, the weight and the cold weight
+    are the ones a brute-force search over full rankings of every mix picks (best share by the one-
+    weight mix; then it, the trained branch alone and kNN alone judged with their cold weight)."""
+    from glrec_fast import metrics
+    from glrec_fast.models.hybrid import FusedHybridRec, ScoreFusion
     from glrec_fast.models.lightgcn import LightGCN
-    from glrec_fast.models.score_hybrid import HYBRID_GRID, ScoreHybrid
+    from glrec_fast.models.score_hybrid import HYBRID_GRID, KNN_SHARES, ScoreHybrid
     g, e = _graph()
     torch.manual_seed(0)
     knn = TextKNN(g, torch.randn(g.num_items, 6), neighbours=3).fit()
     m = ScoreHybrid(g, LightGCN(g, dim=8, num_layers=2), FusedHybridRec(g, torch.randn(g.num_items, 6), fusion="text",
                                                                          dim=8), text_knn=knn)
-    assert m.trainable and m.text_in_use() is m.text_model
-    for target in ("knn", "trained"):
-        # Validation pairs that one text branch ranks first for every user.
-        text = knn if target == "knn" else m.text_model
-        users = torch.arange(g.num_users - 2)
-        valid = torch.stack([users, text.scorer()(users).masked_fill(
-            reference._dense_pair_mask(e, users, g.num_items), -1e9).argmax(1)], 1)
-        m.tune(valid, exclude=[e])
-        want, score = {}, {}
-        for c, t in (("trained", m.text_model), ("knn", knn)):   # each judged with its cold weight tuned too
-            a, _ = tune_score_weight(*m.branch_scorers(t), valid, g.num_users, g.num_items, exclude=[e], grid=HYBRID_GRID)
-            a_cold, table = tune_cold_weight(*m.branch_scorers(t), a, g.item_context == ITEM_COLD, valid, g.num_users,
-                                             g.num_items, exclude=[e], grid=HYBRID_GRID)
-            want[c], score[c] = (a, a_cold), dict(table)[a_cold]["ndcg@20"]
-        chosen = "knn" if score["knn"] > score["trained"] else "trained"
-        assert m.text_in_use() is (knn if chosen == "knn" else m.text_model)
-        assert (float(m.weight), float(m.cold_weight)) == (pytest.approx(want[chosen][0]), pytest.approx(want[chosen][1]))
-        assert m.gate_report()["score/text_knn"] == float(chosen == "knn")
-        assert ("text_knn" in m.export()["text_branch"]) == (chosen == "knn")
+    assert m.trainable and m.knn_in_use() is None and float(m.knn_share) == 0.0
+    cold = g.item_context == ITEM_COLD
+    users = torch.arange(g.num_users - 2)
+    # Valid pairs: each user's top item under a mix of all three branches (kNN share 0.5), so a share
+    # strictly inside (0, 1) should win.
+    three = ScoreFusion(m.branch_scorers()[0], m.text_scorer(0.5), 0.3)(users)
+    valid = torch.stack([users, three.masked_fill(reference._dense_pair_mask(e, users, g.num_items), -1e9).argmax(1)], 1)
+
+    def ndcg(s, a, a_cold=None):
+        f = ScoreFusion(m.branch_scorers()[0], m.text_scorer(s), a, a if a_cold is None else a_cold, cold)
+        return metrics.evaluate(f, valid, g.num_users, g.num_items, exclude=[e], ks=(20,))["ndcg@20"]
+    one = {s: max(((ndcg(s, a), -a) for a in HYBRID_GRID)) for s in KNN_SHARES}
+    s_best = max(KNN_SHARES, key=lambda s: (round(one[s][0], 9), -s))
+    judged = {}
+    for s in (s_best, 0.0, 1.0):
+        a = -one[s][1]
+        vals = {c: ndcg(s, a, c) for c in HYBRID_GRID}
+        top = max(vals.values())
+        a_cold = a if vals[a] >= top - 1e-9 else min(c for c in HYBRID_GRID if vals[c] >= top - 1e-9)
+        judged.setdefault(s, (top, a, a_cold))
+    want_s = max(judged, key=lambda s: (round(judged[s][0], 9), -[s_best, 0.0, 1.0].index(s)))
+    m.tune(valid, exclude=[e], max_users=None)
+    assert float(m.knn_share) == pytest.approx(want_s) and 0.0 < want_s < 1.0
+    assert (float(m.weight), float(m.cold_weight)) == (pytest.approx(judged[want_s][1]), pytest.approx(judged[want_s][2]))
+    assert m.gate_report()["score/text_knn_share"] == pytest.approx(want_s)
+    assert len({round(v[0], 6) for v in one.values()}) > 2          # the shares are told apart
+    # The export ranks as the model does, whatever the share.
+    for s in (0.0, 0.3, 1.0):
+        m.knn_share.fill_(s)
+        ex = m.export()
+        assert ("text_knn_branch" in ex) == (0.0 < s < 1.0) and ("text_knn" in ex["text_branch"]) == (s == 1.0)
+        torch.testing.assert_close(ScoreHybrid.scorer_from_export(ex, g)(users), m.scorer()(users))
     with pytest.raises(ValueError, match="text_knn"):
         ScoreHybrid(g, m.graph_model, knn, text_knn=knn)
 
@@ -147,10 +164,11 @@ def test_cli_auto_text_branch_trains_and_reports_its_choice(tmp_path):
     args = SMALL + ["--epochs", "2", "--grokking", "false", "--out", str(out)]
     assert train.main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["epochs_run"] == 2 and m["gates"]["score/text_knn"] in (0.0, 1.0)
-    assert ("text_knn" in m) == (m["gates"]["score/text_knn"] == 1.0)
+    share = m["gates"]["score/text_knn_share"]
+    assert m["epochs_run"] == 2 and 0.0 <= share <= 1.0
+    assert ("text_knn" in m) == (share > 0.0)
     ex = train.load_export(out / "best.pt")
-    assert ("text_knn" in ex["text_branch"]) == (m["gates"]["score/text_knn"] == 1.0)
+    assert ("text_knn" in ex["text_branch"]) == (share == 1.0) and ("text_knn_branch" in ex) == (0.0 < share < 1.0)
     assert len(train.recommend(out / "best.pt", [ex["user_ids"][0]], k=3)[0]) == 3
 
 

@@ -546,7 +546,10 @@ class ScoreFusion:
 
     @staticmethod
     def branch_z(scorer, users) -> torch.Tensor:
-        """A branch's standardised scores of ``users`` (in place when its tiles are fresh)."""
+        """A branch's standardised scores of ``users`` (in place when its tiles are fresh; a ``ZMix`` is
+        already on this scale)."""
+        if getattr(scorer, "standardised", False):
+            return scorer(users)
         return ScoreFusion.standardise(scorer(users), inplace=getattr(scorer, "fresh_tiles", False))
 
     def __call__(self, users):
@@ -571,6 +574,39 @@ class ScoreFusion:
         return ScoreFusion(re(self.graph_scorer), re(self.text_scorer), self.weight, self.cold_weight, cold)
 
 
+class ZMix:
+    """Two scorers' standardised scores mixed: ``share * z(second) + (1 - share) * z(first)``.
+
+    The language side of a three-branch score mix: ``ScoreFusion(graph, ZMix(trained, knn, s), a)``
+    ranks by ``a z_g + (1 - a) s z_knn + (1 - a) (1 - s) z_trained``. Its tiles are already on
+    ``ScoreFusion``'s scale (``standardised``: not standardised again, so the three weights are those of
+    one mix of z-scores). ``tune_score_shares`` picks ``share`` and ``a`` together on validation."""
+
+    standardised = True
+    fresh_tiles = True
+
+    def __init__(self, first, second, share: float):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share: expected the second scorer's share in [0, 1], got {share!r}")
+        self.first, self.second, self.share = first, second, float(share)
+
+    def __call__(self, users):
+        return _mix_z(ScoreFusion.branch_z(self.second, users), ScoreFusion.branch_z(self.first, users), self.share)
+
+    def reorder(self, order):
+        def re(s):
+            if hasattr(s, "reorder"):
+                return s.reorder(order)
+            return lambda us: (lambda t: t.index_select(1, order.to(t.device)))(s(us))
+        return ZMix(re(self.first), re(self.second), self.share)
+
+
+def _mix_z(x: torch.Tensor, y: torch.Tensor, a: float) -> torch.Tensor:
+    """``a * x + (1 - a) * y``, with -inf (an excluded item) staying -inf at a = 0 and a = 1
+    (``0 * -inf`` is nan)."""
+    return torch.nan_to_num_(x * a + y * (1.0 - a), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
 @torch.no_grad()
 def tune_score_weight(graph_scorer, text_scorer, valid: torch.Tensor, num_users: int, num_items: int,
                       exclude=(), grid=None, key: str = "ndcg@20", batch_size: int = 1024,
@@ -582,16 +618,35 @@ def tune_score_weight(graph_scorer, text_scorer, valid: torch.Tensor, num_users:
     20 then comes from :func:`mixed_top_k` on ``candidates`` items per branch, so a weight costs a few
     [batch, 2 * candidates] operations instead of a full [batch, items] tile and ranking. The top 20
     are exactly the full ranking's (checked per user, recomputed in full where the check fails)."""
-    grid = [round(0.05 * j, 2) for j in range(21)] if grid is None else [float(a) for a in grid]
-    sums = _GridSums(valid, num_users, num_items, exclude, grid)
-    for ub in sums.batches(batch_size):
-        zg, zt = sums.masked(ScoreFusion.branch_z(graph_scorer, ub).cpu(), ScoreFusion.branch_z(text_scorer, ub).cpu(),
-                             users=ub)
-        for j, top in enumerate(mixed_top_k(zg, zt, grid, sums.k, candidates)):
-            sums.add(j, top, ub)
-    table = sums.table()
+    table = tune_score_shares(graph_scorer, text_scorer, None, (0.0,), valid, num_users, num_items, exclude, grid,
+                              batch_size, candidates)[0.0]
     best = max(table, key=lambda t: (t[1].get(key, -1.0), -t[0]))
     return best[0], table
+
+
+@torch.no_grad()
+def tune_score_shares(graph_scorer, text_scorer, second_text, shares, valid: torch.Tensor, num_users: int,
+                      num_items: int, exclude=(), grid=None, batch_size: int = 1024,
+                      candidates: int = 256) -> dict[float, list]:
+    """The validation table of ``ScoreFusion(graph, ZMix(text, second_text, s), a)`` for every ``s`` in
+    ``shares`` and ``a`` in ``grid``: {s: [(a, metrics)]} (``second_text`` None: ``shares`` must be (0,)).
+
+    Each user batch is scored once per branch and masked once; each share mixes the two text tiles
+    once, and each weight ranks only candidates (``mixed_top_k``), exactly as ``tune_score_weight``."""
+    grid = [round(0.05 * j, 2) for j in range(21)] if grid is None else [float(a) for a in grid]
+    shares = [float(s) for s in shares]
+    if second_text is None and shares != [0.0]:
+        raise ValueError(f"shares: without a second text scorer the only share is 0, got {shares}")
+    sums = _GridSums(valid, num_users, num_items, exclude, [(s, a) for s in shares for a in grid])
+    for ub in sums.batches(batch_size):
+        tiles = [ScoreFusion.branch_z(f, ub).cpu() for f in (graph_scorer, text_scorer, second_text) if f is not None]
+        zg, zt, *zk = sums.masked(*tiles, users=ub)
+        for i, s in enumerate(shares):
+            text = _mix_z(zk[0], zt, s) if s > 0.0 else zt
+            for j, top in enumerate(mixed_top_k(zg, text, grid, sums.k, candidates)):
+                sums.add(i * len(grid) + j, top, ub)
+    rows = sums.table()
+    return {s: [(a, m) for (s2, a), m in rows if s2 == s] for s in shares}
 
 
 class _GridSums:
@@ -673,9 +728,7 @@ def mixed_top_k(zg: torch.Tensor, zt: torch.Tensor, weights, k: int, candidates:
     k = min(k, n_items)
     candidates = max(candidates, k)
 
-    def mix(x, y, a):  # -inf stays -inf at a = 0 and a = 1 (0 * -inf is nan)
-        return torch.nan_to_num_(x * a + y * (1.0 - a), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-
+    mix = _mix_z
     if 2 * candidates >= n_items:
         return [torch.topk(mix(zg, zt, a), k, dim=1).indices for a in weights]
     vg, ig = torch.topk(zg, candidates, dim=1)

@@ -7,17 +7,21 @@
 * text branch (``text_branch``): ``knn``, the training-free ``text_knn.TextKNN`` (each user's
   training items' nearest items in the LM's embedding space); ``trained``, the content-only model
   (``FusedHybridRec(fusion="text")``: frozen LM vectors of the item text through a small MLP trained
-  with BPR; users from their training items' vectors); or ``auto`` (the default): both, the trained
-  one training while every validation picks whichever mixes better (the fitted one is ready from
-  the first evaluation, so a good model exists within seconds and training only has to beat it);
+  with BPR; users from their training items' vectors); or ``auto`` (the default): both, mixed, the
+  trained one training while every validation chooses how much of each (the fitted one is ready
+  from the first evaluation, so a good model exists within seconds and training only adds to it);
 * score: ``ScoreFusion``: ``a * z(graph scores) + (1 - a) * z(text scores)`` with ``z`` the per-user
-  standardisation, so one weight means the same thing for branches on different scales; items with
-  no training interaction (cold) mix with their own weight ``a_cold``.
+  standardisation, so one weight means the same thing for branches on different scales; with both
+  text branches the text side is ``s * z(kNN) + (1 - s) * z(trained)`` (``hybrid.ZMix``): the two
+  carry different signal (which items resemble the user's; what the text predicts about taste and
+  popularity), and on amazon-beauty the mix of all three beat the better two-branch mix by 4.8%
+  (bench/RESULTS.md, "Next: mix all three branches"). Items with no training interaction (cold) mix
+  with their own weight ``a_cold``.
 
 The branches do not interact in training (the loss is the sum of their own losses), so the mix
-weight ``a`` can be chosen without retraining: at every validation the training loop calls
-``tune(valid, exclude)``, which picks ``a`` on 0..0.95 in steps of 0.05 (``tune_score_weight``), and
-the best epoch keeps its ``a``. When neither branch trains (a graph filter and TextKNN), the model is
+weights can be chosen without retraining: at every validation the training loop calls
+``tune(valid, exclude)``, which picks ``a`` on 0..0.95 in steps of 0.05 (and ``s`` on 0..1 in steps
+of 0.1; ``tune_score_shares``), and the best epoch keeps them. When neither branch trains (a graph filter and TextKNN), the model is
 fitted once and ``a`` chosen on every validation user; nothing else runs. A filter branch never
 changes, so its scores of the users validation ranks are kept in memory (``FILTER_MEMO_BYTES``) and
 computed once per run. Items without a training interaction (cold items) get a graph score
@@ -33,7 +37,7 @@ import torch
 
 from ..graph import ITEM_COLD
 from .base import Recommender
-from .hybrid import ScoreFusion, tune_cold_weight, tune_score_weight
+from .hybrid import ScoreFusion, ZMix, tune_cold_weight, tune_score_shares
 
 FILTER_BRANCHES = ("gfcf", "bspm")
 TEXT_BRANCHES = ("auto", "knn", "trained")
@@ -41,6 +45,10 @@ TEXT_BRANCHES = ("auto", "knn", "trained")
 # scores every cold item alike (ties broken by item id): on ml-100k's cold split one seed's validation
 # picked it (overall ndcg@20 within noise of 0.9-0.95) and its test-cold ndcg@20 fell from 0.10 to 0.008.
 HYBRID_GRID = tuple(round(0.05 * j, 2) for j in range(20))
+# The kNN text branch's shares of the text side tune() tries (text_branch auto): 0 (the trained branch
+# alone) to 1 (kNN alone) in steps of 0.1. On amazon-beauty the three-way probe's best mixes put
+# 0.15-0.2 of the text side on kNN (bench/three_way_mix.py).
+KNN_SHARES = tuple(round(0.1 * j, 1) for j in range(11))
 TUNE_USERS = 5000   # validation users ScoreHybrid.tune ranks (a seeded sample when there are more)
 # A filter branch's scores never change during training, so the ones evaluation asks for are kept
 # (GraphFilter.memoise): up to this many bytes of float32 rows, ~22k users x 12k items on amazon-beauty.
@@ -65,7 +73,7 @@ class ScoreHybrid(Recommender):
         if getattr(text_model, "fusion", None) != "text" and not isinstance(text_model, TextKNN):
             raise ValueError("text_model: expected a TextKNN or the content-only model, FusedHybridRec(fusion='text')")
         if text_knn is not None and (not isinstance(text_knn, TextKNN) or isinstance(text_model, TextKNN)):
-            raise ValueError("text_knn: expected a fitted TextKNN to compete with a trained text_model")
+            raise ValueError("text_knn: expected a fitted TextKNN to mix with a trained text_model")
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight: expected a share of the graph branch in [0, 1], got {weight!r}")
         self.graph = graph
@@ -74,8 +82,8 @@ class ScoreHybrid(Recommender):
         self.register_buffer("weight", torch.tensor(float(weight)))
         # The cold items' own weight (tune() chooses it after ``weight``; until then the same).
         self.register_buffer("cold_weight", torch.tensor(float(weight)))
-        # With text_knn: which text branch the mix uses (0: text_model, 1: text_knn), chosen by tune().
-        self.register_buffer("text_choice", torch.tensor(0))
+        # With text_knn: its share of the text side (0: text_model alone, 1: text_knn alone), set by tune().
+        self.register_buffer("knn_share", torch.tensor(0.0))
         self.register_buffer("item_context", graph.item_context.clone())
         self.graph_trained = bool(getattr(graph_model, "trainable", False))
         self.text_trained = bool(getattr(text_model, "trainable", False))
@@ -90,8 +98,16 @@ class ScoreHybrid(Recommender):
 
     @property
     def hparams(self) -> dict:
+        """What the log and metrics.json say was fitted: the graph branch's settings, the text side's
+        branches (a TextKNN's settings; "trained") with the kNN share, and the graph weight."""
+        knn = self.knn_in_use()
+        text = {"knn": knn.hparams} if knn is not None else {}
+        if self.text_trained and (self.text_knn is None or float(self.knn_share) < 1.0):
+            text["trained"] = True
+        if self.text_knn is not None:
+            text["knn_share"] = round(float(self.knn_share), 4)
         return {"graph": getattr(self.graph_model, "hparams", type(self.graph_model).__name__),
-                "text": getattr(self.text_in_use(), "hparams", "trained"), "weight": round(float(self.weight), 4)}
+                "text": text, "weight": round(float(self.weight), 4)}
 
     def fit(self) -> "ScoreHybrid":
         """Nothing to do: ``build`` fits the training-free branches; ``tune`` chooses the weight."""
@@ -137,20 +153,27 @@ class ScoreHybrid(Recommender):
         return self._sum("softmax_loss", users, pos, negs, temperature, reg_weight)
 
     # ------------------------------------------------------------------ ranking
-    def text_in_use(self):
-        """The text branch the mix uses now (``text_knn`` when tune() chose it)."""
-        return self.text_knn if self.text_knn is not None and int(self.text_choice) == 1 else self.text_model
+    def knn_in_use(self):
+        """The TextKNN the mix reads now (the text branch, or ``text_knn`` with a share above 0), or None."""
+        if self.text_knn is None:
+            return None if self.text_trained else self.text_model
+        return self.text_knn if float(self.knn_share) > 0.0 else None
+
+    def text_scorer(self, share: float | None = None):
+        """The text side's scorer at the kNN ``share`` (default: the tuned one)."""
+        s = float(self.knn_share) if share is None else float(share)
+        return text_side(self.text_model.scorer(), None if self.text_knn is None else self.text_knn.scorer(), s)
 
     def branch_scorers(self, text=None):
-        """(graph scorer, text scorer) of the text branch in use (or ``text``): cold items score 0 in
-        the graph branch."""
+        """(graph scorer, text scorer): the text side as tuned, or the one branch ``text``; cold items
+        score 0 in the graph branch."""
         if self.graph_trained:
             ex = self.graph_model.export()
             dev = self.weight.device
             g = cold_zero_scorer(ex["user_emb"].to(dev), ex["item_emb"].to(dev), self.item_context == ITEM_COLD)
         else:
             g = self.graph_model.scorer()
-        return g, (text if text is not None else self.text_in_use()).scorer()
+        return g, (text.scorer() if text is not None else self.text_scorer())
 
     @torch.no_grad()
     def scorer(self):
@@ -165,13 +188,14 @@ class ScoreHybrid(Recommender):
         and every weight is scored on the same users, so a sample suffices; the training loop calls this
         at every evaluation. Each user batch is scored once per branch (a filter branch's scores come
         from its memo after the first time) and each weight ranks only the two branches' top
-        candidates (``tune_score_weight``). When the graph has cold items, their own weight follows
-        (``cold_weight``, ``tune_cold_weight``) on the same users. With a ``text_knn`` beside a trained
-        text branch, both are tuned this way and the text branch of the better mix is used (ties: the
-        trained one). The cold weight matters here:
-        a filter branch scores every cold item alike, so that weight sets where cold items rank among
-        warm ones (on amazon-beauty's cold split the graph share chosen for cold items is far below
-        the warm items'; bench/RESULTS.md "A training-free text branch")."""
+        candidates (``tune_score_shares``). With a ``text_knn`` beside a trained text branch, the kNN
+        share ``s`` of the text side is chosen with ``a`` over ``KNN_SHARES`` x ``HYBRID_GRID`` (ties: the
+        smaller share). When the graph has cold items, their own weight follows (``cold_weight``,
+        ``tune_cold_weight``) on the same users, and the best share, the trained branch alone and kNN
+        alone are each judged with their cold weight tuned (ties: in that order): a filter branch
+        scores every cold item alike, so that weight sets where cold items rank among warm ones, and
+        which text side is best can change with it (on ml-100k's cold split it did; bench/RESULTS.md
+        "A training-free text branch")."""
         users = torch.unique(valid[:, 0])
         if max_users is not None and users.numel() > max_users:
             pick = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(seed))[:max_users]
@@ -179,21 +203,11 @@ class ScoreHybrid(Recommender):
         was = self.training
         self.eval()
         try:
-            cold = self.item_context == ITEM_COLD
-            best = None
-            for choice, text in enumerate([self.text_model] + ([self.text_knn] if self.text_knn is not None else [])):
-                scorers = self.branch_scorers(text)
-                a, table = tune_score_weight(*scorers, valid, self.num_users, self.num_items,
-                                             exclude=exclude, grid=HYBRID_GRID, batch_size=batch_size)
-                a_cold, value = a, dict(table)[a].get("ndcg@20", -1.0)
-                if bool(cold.any()):   # each text branch is judged with its cold weight tuned too
-                    a_cold, cold_table = tune_cold_weight(*scorers, a, cold, valid, self.num_users, self.num_items,
-                                                          exclude=exclude, grid=HYBRID_GRID, batch_size=batch_size)
-                    value = dict(cold_table)[a_cold].get("ndcg@20", -1.0)
-                if best is None or value > best[0]:
-                    best = (value, choice, a, a_cold, table)
-            _, choice, a, a_cold, self.tuning = best
-            self.text_choice.fill_(choice)
+            knn = None if self.text_knn is None else self.text_knn.scorer()
+            s, a, a_cold, self.tuning = choose_mix(self.branch_scorers()[0], self.text_model.scorer(), knn,
+                                                   self.item_context == ITEM_COLD, valid, self.num_users,
+                                                   self.num_items, exclude=exclude, batch_size=batch_size)
+            self.knn_share.fill_(s)
             self.weight.fill_(a)
             self.cold_weight.fill_(a_cold)
         finally:
@@ -203,8 +217,8 @@ class ScoreHybrid(Recommender):
     def gate_report(self) -> dict[str, float]:
         """The mix as metrics.json's "gates" reports it: the graph branch's share of the score."""
         out = {"score/graph_weight": float(self.weight), "score/graph_weight_cold": float(self.cold_weight)}
-        if self.text_knn is not None:   # 1: the training-free text branch won on validation
-            out["score/text_knn"] = float(self.text_choice)
+        if self.text_knn is not None:   # the training-free text branch's share of the text side
+            out["score/text_knn_share"] = float(self.knn_share)
         return out
 
     def branch_embeddings(self) -> dict:
@@ -222,11 +236,17 @@ class ScoreHybrid(Recommender):
 
     @torch.no_grad()
     def export(self) -> dict:
-        """What ``recommend`` needs: both branches' exports and the weight."""
-        return {"score_fusion": {"weight": float(self.weight), "cold_weight": float(self.cold_weight),
-                                 "graph_branch_kind": "filter" if not self.graph_trained
-                                 else "embeddings"},
-                "graph_branch": self.graph_model.export(), "text_branch": self.text_in_use().export()}
+        """What ``recommend`` needs: the branches' exports and the weights (a text side that mixes both
+        text branches adds "text_knn_branch" and its share)."""
+        s = float(self.knn_share) if self.text_knn is not None else 0.0
+        out = {"score_fusion": {"weight": float(self.weight), "cold_weight": float(self.cold_weight),
+                                "graph_branch_kind": "filter" if not self.graph_trained else "embeddings"},
+               "graph_branch": self.graph_model.export(),
+               "text_branch": (self.text_knn if s == 1.0 else self.text_model).export()}
+        if 0.0 < s < 1.0:
+            out["score_fusion"]["knn_share"] = s
+            out["text_knn_branch"] = self.text_knn.export()
+        return out
 
     @staticmethod
     def scorer_from_export(ck: dict, graph):
@@ -238,13 +258,51 @@ class ScoreHybrid(Recommender):
             g = GraphFilter.from_export(graph, g_ex).scorer()
         else:
             g = cold_zero_scorer(g_ex["user_emb"], g_ex["item_emb"], graph.item_context == ITEM_COLD)
+        from .text_knn import TextKNN
         if "text_knn" in t_ex:
-            from .text_knn import TextKNN
             t = TextKNN.from_export(graph, t_ex).scorer()
         else:
             t = EmbeddingScorer(t_ex["user_emb"], t_ex["item_emb"])
         sf = ck["score_fusion"]
+        if "text_knn_branch" in ck:
+            t = ZMix(t, TextKNN.from_export(graph, ck["text_knn_branch"]).scorer(), sf["knn_share"])
         return ScoreFusion(g, t, sf["weight"], sf.get("cold_weight", sf["weight"]), graph.item_context == ITEM_COLD)
+
+
+def text_side(trained_scorer, knn_scorer, share: float):
+    """The text side of the mix: ``share`` of kNN (``ZMix``; the one branch at the ends, or the trained
+    scorer alone when there is no kNN)."""
+    if knn_scorer is None or share == 0.0:
+        return trained_scorer
+    return knn_scorer if share == 1.0 else ZMix(trained_scorer, knn_scorer, share)
+
+
+@torch.no_grad()
+def choose_mix(graph_scorer, text_scorer, knn_scorer, cold: torch.Tensor, valid: torch.Tensor, num_users: int,
+               num_items: int, exclude=(), batch_size: int = 1024) -> tuple[float, float, float, list]:
+    """``ScoreHybrid.tune``'s choice on ``valid``: (kNN share, graph weight, cold items' weight, the chosen
+    share's (weight, metrics) table). The share and weight with the best ndcg@20 over ``KNN_SHARES``
+    (only 0 without ``knn_scorer``) x ``HYBRID_GRID`` (ties: smaller share, then smaller weight); with
+    cold items, that share, the trained branch alone and kNN alone are each judged again with their
+    cold weight tuned (``tune_cold_weight``; ties: in that order)."""
+    tables = tune_score_shares(graph_scorer, text_scorer, knn_scorer, KNN_SHARES if knn_scorer is not None else (0.0,),
+                               valid, num_users, num_items, exclude=exclude, grid=HYBRID_GRID, batch_size=batch_size)
+    best = {s: max(t, key=lambda r: (r[1].get("ndcg@20", -1.0), -r[0])) for s, t in tables.items()}
+    first = min(best, key=lambda s: (-best[s][1].get("ndcg@20", -1.0), s))
+    has_cold = bool(cold.any())
+    choice = None
+    for s in [first] + ([e for e in (0.0, 1.0) if e in best and e != first] if has_cold else []):
+        a, value = best[s][0], best[s][1].get("ndcg@20", -1.0)
+        a_cold = a
+        if has_cold:
+            a_cold, cold_table = tune_cold_weight(graph_scorer, text_side(text_scorer, knn_scorer, s), a, cold, valid,
+                                                  num_users, num_items, exclude=exclude, grid=HYBRID_GRID,
+                                                  batch_size=batch_size)
+            value = dict(cold_table)[a_cold].get("ndcg@20", -1.0)
+        if choice is None or value > choice[0]:
+            choice = (value, s, a, a_cold)
+    _, s, a, a_cold = choice
+    return s, a, a_cold, tables[s]
 
 
 def build(cfg: dict, ds, graph, device) -> ScoreHybrid:
