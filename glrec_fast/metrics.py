@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import ops
 from .graph import ITEM_COLD, ITEM_HEAD, ITEM_TAIL, BipartiteGraph
 
 METRICS = ("recall", "ndcg", "precision", "hit", "mrr")
@@ -268,7 +269,7 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
         for b, (lo, hi) in bases.items():
             kc = min(kmax, hi - lo)
             if kc > 0:
-                v, i = torch.topk(scores[:, lo:hi], kc, dim=1)
+                v, i = ops.topk_rows(scores[:, lo:hi], kc)
                 tops[b] = (v, i + lo)
         n_rel_b = n_rel_base[users].to(dev)
         for cname, members in reported.items():
@@ -283,7 +284,7 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], test: torch.Tenso
                 vals = torch.cat([p[0] for p in parts], 1)
                 idx = torch.cat([p[1] for p in parts], 1)
                 kc = min(kmax, vals.size(1))
-                top = idx.gather(1, torch.topk(vals, kc, dim=1).indices)
+                top = idx.gather(1, ops.topk_rows(vals, kc)[1])
             counts_t[cidx[cname]] += int(has.sum())
             for (m, k), v in ranked_metrics(top, users, test_keys, n_rel, num_items, ks, discount).items():
                 batch_sums[bi, key_col[(m, k, cname)]] = float(v[has].sum())

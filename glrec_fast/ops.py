@@ -1,6 +1,7 @@
 """The public ops: ``propagate``, ``gated_fusion``, ``neighbor_sample``, ``block_mean_concat`` (a
 GraphSAGE layer's input on a sampled block), ``gram_rows`` (a graph filter's first product, over each
-row's two-hop neighbourhood) and ``row_adam_`` (the row-sparse optimiser step of ``optim.RowAdam``).
+row's two-hop neighbourhood), ``topk_rows`` (each row's best k, for ranking) and ``row_adam_`` (the
+row-sparse optimiser step of ``optim.RowAdam``).
 
 One op, one name, many devices: each op is defined once here as ``torch.ops.glrec.<name>``; the
 compiled extension (``glrec_fast._C``) registers its C++ (and CUDA) kernels under the same name,
@@ -36,6 +37,8 @@ SCHEMAS = {
     # Rows of pattern(R[rows]) T R with the output's columns permuted (a graph filter's r P~).
     "gram_rows": ("gram_rows(Tensor rowptr, Tensor col, Tensor val, Tensor t_rowptr, Tensor t_col, Tensor t_val, "
                   "Tensor rows, Tensor out_index) -> Tensor"),
+    # Each row's k largest values and their columns, best first; ties: the smaller column (ranking).
+    "topk_rows": "topk_rows(Tensor x, int k) -> (Tensor, Tensor)",
     # optim.RowAdam's step on the rows of a row-sparse gradient, in place (rows unique).
     "row_adam_": ("row_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
                   "float step_size, float beta1, float beta2, float eps, float bc2_sqrt) -> ()"),
@@ -84,6 +87,7 @@ _REFERENCE_KERNELS = {
     "csr_transpose": reference.csr_transpose,   # not differentiable: no autograd registered
     "block_mean_concat_backward": reference.block_mean_concat_backward,
     "gram_rows": reference.gram_rows,   # not differentiable: no autograd registered
+    "topk_rows": reference.topk_rows,   # not differentiable: no autograd registered
 }
 
 # CUDA: Triton kernels where Triton imports.
@@ -152,6 +156,11 @@ def _fake_csr_transpose(rowptr, col, num_cols):
 @torch.library.register_fake("glrec::gram_rows")
 def _fake_gram_rows(rowptr, col, val, t_rowptr, t_col, t_val, rows, out_index):
     return val.new_empty((rows.numel(), t_rowptr.numel() - 1))
+
+
+@torch.library.register_fake("glrec::topk_rows")
+def _fake_topk_rows(x, k):
+    return x.new_empty((x.size(0), k)), x.new_empty((x.size(0), k), dtype=torch.long)
 
 
 @torch.library.register_fake("glrec::block_mean_concat_backward")
@@ -345,6 +354,23 @@ def gram_rows(r: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, out_index: t
     if _backend.backend() == "reference":
         return reference.gram_rows(*args)
     return torch.ops.glrec.gram_rows(*(a.contiguous() for a in args))
+
+
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) ``[B, k]``: each row's ``k`` largest entries of the 2-d ``x``, best first; ties go
+    to the smaller column and NaN ranks first (the first ``k`` of a stable descending sort,
+    ``reference.topk_rows``). Float32 CPU tiles take the compiled kernel (one pass per row over a
+    k-slot heap: several times torch.topk's speed at ranking's k = 20); any other tile, or a process
+    without the kernel, takes ``torch.topk``, which returns the same values but orders ties its own
+    way. Not differentiable."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x: expected a 2-d tensor of scores, got {getattr(x, 'shape', type(x))}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= x.size(1):
+        raise ValueError(f"k: expected an int in [0, {x.size(1)}] (the row length), got {k!r}")
+    if x.device.type == "cpu" and x.dtype == torch.float32 and KERNELS["topk_rows"]["CPU"] != "reference" \
+            and _backend.backend() != "reference":
+        return torch.ops.glrec.topk_rows(x if x.size(1) <= 1 or x.stride(1) == 1 else x.contiguous(), k)
+    return torch.topk(x, k, dim=1)
 
 
 class SampledSubgraph(NamedTuple):

@@ -267,6 +267,13 @@ def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor
 
 
 # --------------------------------------------------------------------------- graph filters
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.topk_rows``: the first ``k`` columns of each row's stable descending sort (ties: the smaller
+    column; NaN first)."""
+    values, indices = torch.sort(x, dim=1, descending=True, stable=True)
+    return values[:, :k].contiguous(), indices[:, :k].contiguous()
+
+
 def gram_rows(rowptr, col, val, t_rowptr, t_col, t_val, rows, out_index) -> torch.Tensor:
     """``ops.gram_rows``: ``pattern(R[rows]) T R`` as ``(T (R X))^T`` with torch's CSR x dense product on the
     dense [I, len(rows)] block ``X`` of the rows' 0/1 patterns, then the columns scattered to ``out_index``."""

@@ -338,22 +338,26 @@ def test_score_weight_search_picks_the_best_validation_weight(true_weight):
 
 
 @pytest.mark.parametrize("candidates", [20, 60, 400])
-def test_mixed_top_k_is_the_full_ranking(candidates):
-    """Every weight's top 20 from the candidate union (and its per-user fallback) equals the top 20 of
-    the full mixed tile, with excluded (-inf) items at weights 0 and 1 too."""
+@pytest.mark.parametrize("n_tiles", [2, 3])
+def test_mixed_top_k_is_the_full_ranking(candidates, n_tiles):
+    """Every weight vector's top 20 from the candidate union (and its per-user fallback) equals the top
+    20 of the full mixed tile, with excluded (-inf) items and zero weights too."""
     from glrec_fast.models.hybrid import mixed_top_k
     torch.manual_seed(3)
     b, n = 64, 500
-    zg, zt = torch.randn(b, n), torch.randn(b, n)
-    zt[:8] = zg[:8] * -1.0 + 0.01 * zt[:8]      # branches that disagree: the candidate bound fails there
+    tiles = [torch.randn(b, n) for _ in range(n_tiles)]
+    tiles[1][:8] = tiles[0][:8] * -1.0 + 0.01 * tiles[1][:8]      # branches that disagree: the bound fails there
     ex = torch.rand(b, n) < 0.1
-    zg[ex] = zt[ex] = -math.inf
-    weights = [0.0, 0.05, 0.5, 0.95, 1.0]
-    for a, top in zip(weights, mixed_top_k(zg, zt, weights, 20, candidates)):
-        full = zg * a + zt * (1 - a) if 0 < a < 1 else (zg if a == 1 else zt)
+    for t in tiles:
+        t[ex] = -math.inf
+    shares = [0.0, 0.05, 0.5, 0.95, 1.0]
+    weights = [(a, 1 - a) for a in shares] if n_tiles == 2 else \
+        [(a, (1 - a) * (1 - s), (1 - a) * s) for a in shares for s in (0.0, 0.3, 1.0)]
+    for w, top in zip(weights, mixed_top_k(tiles, weights, 20, candidates)):
+        full = sum(t * wj for t, wj in zip(tiles, w) if wj != 0)
         want = torch.topk(full, 20, dim=1)
-        assert torch.equal(full.gather(1, top), want.values), a
-        assert torch.equal(top.sort(1).values, want.indices.sort(1).values), a
+        assert torch.equal(full.gather(1, top), want.values), w
+        assert torch.equal(top.sort(1).values, want.indices.sort(1).values), w
 
 
 def test_score_weight_search_equals_full_tile_ranking():

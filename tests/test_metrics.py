@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from glrec_fast import metrics
+from glrec_fast import metrics, ops, reference
 from glrec_fast.graph import ITEM_COLD, ITEM_HEAD, ITEM_TAIL
 
 L3 = 1 / math.log2(3)  # discount at rank 2
@@ -147,3 +147,45 @@ def test_equals_dense_reference(reorder, train_as_graph):
     assert set(got) == set(want)
     for k in want:
         assert got[k] == pytest.approx(want[k], abs=1e-6), k
+
+
+COMPILED_TOPK = ops.KERNELS["topk_rows"]["CPU"] == "C++ (_C)"
+
+
+@pytest.mark.skipif(not COMPILED_TOPK, reason="compiled extension not built")
+@pytest.mark.parametrize("n,k", [(37, 20), (5000, 20), (700, 256), (9, 9), (9, 0), (1, 1)])
+def test_topk_rows_kernel_is_the_stable_descending_sort_prefix(n, k):
+    """The compiled kernel equals reference.topk_rows (values and ids: ties to the smaller column, NaN
+    first) on continuous scores, heavy ties, -inf (excluded items) and NaN, and its values are torch.topk's."""
+    gen = torch.Generator().manual_seed(n + k)
+    tiles = [torch.randn(33, n, generator=gen),
+             torch.randint(0, 4, (33, n), generator=gen).float(),            # heavy ties
+             torch.randn(33, n, generator=gen).masked_fill(torch.rand(33, n, generator=gen) < 0.5, -math.inf)]
+    nan = torch.randn(33, n, generator=gen)
+    nan[torch.rand(33, n, generator=gen) < 0.05] = math.nan
+    tiles.append(nan)
+    for x in tiles:
+        got_v, got_i = ops.topk_rows(x, k)
+        want_v, want_i = reference.topk_rows(x, k)
+        assert torch.equal(got_i, want_i)
+        torch.testing.assert_close(got_v, want_v, equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(got_v, torch.topk(x, k, dim=1).values, equal_nan=True, rtol=0, atol=0)
+    wide = torch.randn(33, n + 11, generator=gen)       # a column slice: rows are strided, not copied
+    for got, want in zip(ops.topk_rows(wide[:, 5:5 + n], k), reference.topk_rows(wide[:, 5:5 + n], k)):
+        assert torch.equal(got, want)
+    empty_v, empty_i = ops.topk_rows(torch.zeros(0, n), k)
+    assert empty_v.shape == empty_i.shape == (0, k)
+
+
+def test_topk_rows_bad_input_names_it():
+    with pytest.raises(ValueError, match="k: expected an int in \\[0, 5\\]"):
+        ops.topk_rows(torch.zeros(3, 5), 6)
+    with pytest.raises(ValueError, match="x: expected a 2-d tensor"):
+        ops.topk_rows(torch.zeros(5), 2)
+    if COMPILED_TOPK:
+        with pytest.raises(RuntimeError, match="2-d float32 CPU tensor"):
+            torch.ops.glrec.topk_rows(torch.zeros(3, 5, dtype=torch.float64), 2)
+        with pytest.raises(RuntimeError, match="contiguous rows"):
+            torch.ops.glrec.topk_rows(torch.zeros(5, 3).t(), 2)
+        with pytest.raises(RuntimeError, match="k must be in"):
+            torch.ops.glrec.topk_rows(torch.zeros(3, 5), 7)

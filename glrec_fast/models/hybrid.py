@@ -631,20 +631,20 @@ def tune_score_shares(graph_scorer, text_scorer, second_text, shares, valid: tor
     """The validation table of ``ScoreFusion(graph, ZMix(text, second_text, s), a)`` for every ``s`` in
     ``shares`` and ``a`` in ``grid``: {s: [(a, metrics)]} (``second_text`` None: ``shares`` must be (0,)).
 
-    Each user batch is scored once per branch and masked once; each share mixes the two text tiles
-    once, and each weight ranks only candidates (``mixed_top_k``), exactly as ``tune_score_weight``."""
+    Each user batch is scored once per branch and masked once, and every (share, weight) ranks only the
+    union of the three tiles' top candidates (``mixed_top_k``; exact, as in ``tune_score_weight``)."""
     grid = [round(0.05 * j, 2) for j in range(21)] if grid is None else [float(a) for a in grid]
     shares = [float(s) for s in shares]
     if second_text is None and shares != [0.0]:
         raise ValueError(f"shares: without a second text scorer the only share is 0, got {shares}")
-    sums = _GridSums(valid, num_users, num_items, exclude, [(s, a) for s in shares for a in grid])
+    pairs = [(s, a) for s in shares for a in grid]
+    # Each (share, weight) as one weight per tile: graph a, trained text (1-a)(1-s), kNN (1-a)s.
+    weights = [(a, (1.0 - a) * (1.0 - s)) + (((1.0 - a) * s,) if second_text is not None else ()) for s, a in pairs]
+    sums = _GridSums(valid, num_users, num_items, exclude, pairs)
     for ub in sums.batches(batch_size):
         tiles = [ScoreFusion.branch_z(f, ub).cpu() for f in (graph_scorer, text_scorer, second_text) if f is not None]
-        zg, zt, *zk = sums.masked(*tiles, users=ub)
-        for i, s in enumerate(shares):
-            text = _mix_z(zk[0], zt, s) if s > 0.0 else zt
-            for j, top in enumerate(mixed_top_k(zg, text, grid, sums.k, candidates)):
-                sums.add(i * len(grid) + j, top, ub)
+        for j, top in enumerate(mixed_top_k(sums.masked(*tiles, users=ub), weights, sums.k, candidates)):
+            sums.add(j, top, ub)
     rows = sums.table()
     return {s: [(a, m) for (s2, a), m in rows if s2 == s] for s in shares}
 
@@ -709,45 +709,53 @@ def tune_cold_weight(graph_scorer, text_scorer, weight: float, cold: torch.Tenso
         masked = torch.isneginf(tile[:, cold])
         for j, a in enumerate(grid):
             tile[:, cold] = (cg * a + ct * (1.0 - a)).masked_fill_(masked, -math.inf)
-            sums.add(j, torch.topk(tile, sums.k, dim=1).indices, ub)
+            sums.add(j, ops.topk_rows(tile, sums.k)[1], ub)
     table = sums.table()
     best = max(table, key=lambda t: (t[1].get(key, -1.0), t[0] == weight, -t[0]))
     return best[0], table
 
 
-def mixed_top_k(zg: torch.Tensor, zt: torch.Tensor, weights, k: int, candidates: int) -> list[torch.Tensor]:
-    """For each ``a`` in ``weights``: the item ids [b, k] of the top ``k`` of ``a * zg + (1 - a) * zt``
-    (best first; -inf marks excluded items in both tiles).
+def mixed_top_k(tiles, weights, k: int, candidates: int) -> list[torch.Tensor]:
+    """For each weight vector ``w`` in ``weights`` (one weight per tile): the item ids [b, k] of the top
+    ``k`` of ``sum_j w_j * tiles[j]`` (best first; -inf marks excluded items in every tile; a tile whose
+    weight is 0 is left out of the sum, so its -inf never makes a nan).
 
-    Only the union of each branch's top ``candidates`` items is mixed: an item outside it has
-    ``zg <= g_M`` and ``zt <= t_M`` (the branches' ``candidates``-th values), so it scores at most
-    ``a * g_M + (1 - a) * t_M``; where a user's k-th candidate is above that bound, the candidates'
-    top k is the full top k. Users where it is not (or where -inf leaves it undecided) are ranked in
-    full."""
-    b, n_items = zg.shape
+    Only the union of each tile's top ``candidates`` items is mixed: an item outside it has
+    ``tiles[j] <= M_j`` (the tile's ``candidates``-th value) for every ``j``, so it scores at most
+    ``sum_j w_j M_j`` (weights are >= 0); where a user's k-th candidate is above that bound, the
+    candidates' top k is the full top k. Users where it is not (or where -inf leaves it undecided) are
+    ranked in full."""
+    b, n_items = tiles[0].shape
     k = min(k, n_items)
     candidates = max(candidates, k)
 
-    mix = _mix_z
-    if 2 * candidates >= n_items:
-        return [torch.topk(mix(zg, zt, a), k, dim=1).indices for a in weights]
-    vg, ig = torch.topk(zg, candidates, dim=1)
-    vt, it = torch.topk(zt, candidates, dim=1)
-    cand = torch.cat([ig, it], 1)
-    cg = torch.cat([vg, zg.gather(1, it)], 1)
-    ct = torch.cat([zt.gather(1, ig), vt], 1)
-    # An item in both top lists appears once: its second copy is masked out.
-    dup = torch.zeros(b, n_items, dtype=torch.bool).scatter_(1, ig, True).gather(1, it)
-    cg[:, candidates:].masked_fill_(dup, -math.inf)
-    ct[:, candidates:].masked_fill_(dup, -math.inf)
-    g_m, t_m = vg[:, -1], vt[:, -1]
+    def mix(xs, w):
+        out = None
+        for x, wj in zip(xs, w):
+            if wj != 0.0:
+                out = x * wj if out is None else out.add_(x, alpha=wj)
+        return out
+
+    if len(tiles) * candidates >= n_items:
+        return [ops.topk_rows(mix(tiles, w), k)[1] for w in weights]
+    tops = [ops.topk_rows(t, candidates) for t in tiles]
+    cand = torch.cat([ix for _, ix in tops], 1)
+    vals = [t.gather(1, cand) for t in tiles]
+    # An item in several top lists counts once: its later copies are masked out.
+    seen = torch.zeros(b, n_items, dtype=torch.bool)
+    for j, (_, ix) in enumerate(tops):
+        if j:
+            dup = seen.gather(1, ix)
+            for v in vals:
+                v[:, j * candidates:(j + 1) * candidates].masked_fill_(dup, -math.inf)
+        seen.scatter_(1, ix, True)
+    bounds = [v[:, -1] for v, _ in tops]
     out = []
-    for a in weights:
-        val, pos = torch.topk(mix(cg, ct, a), k, dim=1)
+    for w in weights:
+        val, pos = ops.topk_rows(mix(vals, w), k)
         top = cand.gather(1, pos)
-        bound = mix(g_m, t_m, a)
-        redo = ~(val[:, -1] > bound)
+        redo = ~(val[:, -1] > mix(bounds, w))
         if bool(redo.any()):
-            top[redo] = torch.topk(mix(zg[redo], zt[redo], a), k, dim=1).indices
+            top[redo] = ops.topk_rows(mix([t[redo] for t in tiles], w), k)[1]
         out.append(top)
     return out
