@@ -183,19 +183,15 @@ class ScoreHybrid(Recommender):
     @torch.no_grad()
     def tune(self, valid: torch.Tensor, exclude=(), batch_size: int = 1024, max_users: int | None = TUNE_USERS,
              seed: int = 0) -> float:
-        """Set the weight to the one with the best validation ndcg@20 over ``HYBRID_GRID``, measured on a
-        fixed seeded sample of at most ``max_users`` validation users (None: all). One scalar is chosen,
-        and every weight is scored on the same users, so a sample suffices; the training loop calls this
-        at every evaluation. Each user batch is scored once per branch (a filter branch's scores come
-        from its memo after the first time) and each weight ranks only the two branches' top
-        candidates (``tune_score_shares``). With a ``text_knn`` beside a trained text branch, the kNN
-        share ``s`` of the text side is chosen with ``a`` over ``KNN_SHARES`` x ``HYBRID_GRID`` (ties: the
-        smaller share). When the graph has cold items, their own weight follows (``cold_weight``,
-        ``tune_cold_weight``) on the same users, and the best share, the trained branch alone and kNN
-        alone are each judged with their cold weight tuned (ties: in that order): a filter branch
-        scores every cold item alike, so that weight sets where cold items rank among warm ones, and
-        which text side is best can change with it (on ml-100k's cold split it did; bench/RESULTS.md
-        "A training-free text branch")."""
+        """Set the mix (graph weight, kNN share, cold items' weight) that ``choose_mix`` picks on validation
+        ndcg@20, measured on a fixed seeded sample of at most ``max_users`` validation users (None: all).
+        Every setting is scored on the same users, so a sample suffices; the training loop calls this at
+        every evaluation. Each user batch is scored once per branch (a filter branch's scores come from
+        its memo after the first time) and each setting ranks only the branches' top candidates
+        (``tune_score_shares``). The cold weight matters: a filter branch scores every cold item alike,
+        so that weight sets where cold items rank among warm ones, and which text side is best can
+        change with it (on ml-100k's cold split it did; bench/RESULTS.md "A training-free text
+        branch"). Returns the graph weight."""
         users = torch.unique(valid[:, 0])
         if max_users is not None and users.numel() > max_users:
             pick = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(seed))[:max_users]
