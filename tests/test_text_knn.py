@@ -255,3 +255,43 @@ def test_score_hybrid_tune_sets_the_cold_weight_after_the_weight():
     assert want_cold != pytest.approx(a)                     # the case tells the two weights apart
     s = m.scorer()
     assert (s.weight, s.cold_weight) == (pytest.approx(a), pytest.approx(want_cold))
+
+
+def test_choose_mix_judges_the_ends_with_their_cold_weight():
+    """score_hybrid.choose_mix against brute force over full rankings, on a case (found by search) where
+    the share that wins with one weight for every item (0.1) loses to kNN alone once each candidate's
+    cold items get their own weight: the rule must judge both ends with their cold weight tuned."""
+    from glrec_fast import metrics
+    from glrec_fast.models.hybrid import ScoreFusion
+    from glrec_fast.models.score_hybrid import HYBRID_GRID, KNN_SHARES, choose_mix, text_side
+    U, I, C = 40, 30, 6
+    gen = torch.Generator().manual_seed(4)
+    cold = torch.zeros(I, dtype=torch.bool)
+    cold[-C:] = True
+    G = torch.randn(U, I, generator=gen).masked_fill(cold, 0.0)          # a filter: cold items alike
+    T, K = torch.randn(U, I, generator=gen), torch.randn(U, I, generator=gen).relu()
+    e = torch.stack([torch.arange(U).repeat_interleave(4), torch.randint(0, I - C, (U * 4,), generator=gen)], 1)
+    items = torch.where(torch.arange(U) % 2 == 0, torch.randint(I - C, I, (U,), generator=gen),
+                        torch.randint(0, I - C, (U,), generator=gen))
+    valid = torch.stack([torch.arange(U), items], 1)
+    valid = valid[~torch.isin(valid[:, 0] * I + valid[:, 1], e[:, 0] * I + e[:, 1])]
+    gs, ts, ks = (lambda u: G[u]), (lambda u: T[u]), (lambda u: K[u])
+
+    def ndcg(s, a, a_cold):
+        f = ScoreFusion(gs, text_side(ts, ks, s), a, a_cold, cold)
+        return metrics.evaluate(f, valid, U, I, exclude=[e], ks=(20,))["ndcg@20"]
+    one = {s: max((round(ndcg(s, a, a), 9), -a) for a in HYBRID_GRID) for s in KNN_SHARES}
+    first = min(KNN_SHARES, key=lambda s: (-one[s][0], s))
+    judged = {}
+    for s in dict.fromkeys((first, 0.0, 1.0)):
+        a = -one[s][1]
+        vals = {c: round(ndcg(s, a, c), 9) for c in HYBRID_GRID}
+        a_cold = max(HYBRID_GRID, key=lambda c: (vals[c], c == a, -c))
+        judged[s] = (vals[a_cold], a, a_cold)
+    want = max(judged, key=lambda s: (judged[s][0], -list(judged).index(s)))
+    s, a, a_cold, table = choose_mix(gs, ts, ks, cold, valid, U, I, exclude=[e])
+    assert (s, a, a_cold) == (want, pytest.approx(judged[want][1]), pytest.approx(judged[want][2]))
+    assert first == 0.1 and want == 1.0                  # the case tells the two rules apart
+    assert [w for w, _ in table] == list(HYBRID_GRID)
+    s0, a0, a0_cold, _ = choose_mix(gs, ts, None, cold, valid, U, I, exclude=[e])   # no kNN: the share is 0
+    assert s0 == 0.0 and (a0, a0_cold) == (pytest.approx(judged[0.0][1]), pytest.approx(judged[0.0][2]))
