@@ -4,8 +4,9 @@ import os
 
 import pytest
 import torch
+import yaml
 
-from glrec_fast import checkpoint, train
+from glrec_fast import checkpoint, config, train
 from conftest import need_dataset
 
 BASE = ["--dataset", "ml-100k", "--split", "random", "--grokking", "false", "--eval_every", "1",
@@ -376,3 +377,21 @@ def test_bpr_negatives_avoid_training_items_and_repeat_per_seed():
     # a user who saw every item cannot get a true negative: bounded retries, then the last draw
     sat = sample_negatives(torch.zeros(10, dtype=torch.long), ni, keys, torch.Generator().manual_seed(1))
     assert sat.shape == (10,) and bool(((sat >= 0) & (sat < ni)).all())
+
+
+def test_default_lr_is_chosen_per_model_and_recorded(tmp_path):
+    """lr: null (the default) resolves to HYBRID_LR for the hybrid and DEFAULT_LR otherwise; an explicit
+    --lr wins; config.yaml and the optimizer carry the resolved value; a non-number is named."""
+    cfg = config.resolve([])
+    assert cfg["lr"] is None
+    assert train.resolve_lr(dict(cfg, model="hybrid"))["lr"] == train.HYBRID_LR == 5e-3
+    assert train.resolve_lr(dict(cfg, model="lightgcn"))["lr"] == train.DEFAULT_LR == 1e-3
+    assert train.resolve_lr(dict(cfg, model="hybrid", lr=0.02))["lr"] == 0.02
+    for bad in ("fast", True, -1.0):
+        with pytest.raises(ValueError, match="lr: expected a number > 0"):
+            train.check_config(dict(cfg, lr=bad))
+    need_dataset("ml-100k")
+    out = tmp_path / "mf"
+    assert train.main(BASE + ["--model", "mf", "--epochs", "1", "--out", str(out)]) == 0
+    assert checkpoint.load(out / "last.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == pytest.approx(1e-3)
