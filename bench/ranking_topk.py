@@ -9,6 +9,8 @@ Three levels, each provider interleaved round by round in one process (medians o
   search's candidate lists); normal scores, 1,024 rows;
 * ``metrics.evaluate`` of a random d=64 embedding model over 22,363 users x 12,101 items with 8 training
   items excluded per user (amazon-beauty's shape), where the only top-k is the swapped one;
+* with ``--gowalla``, ``bench/time_to_quality.py --stage eval_speed``'s case: every Gowalla test user
+  ranked against every item, cut-offs 10/20/50 and the per-context breakdown;
 * ``hybrid.tune_score_shares`` over 5,000 users and three branch tiles of that shape (the score
   hybrid's per-evaluation search of 11 kNN shares x 20 weights).
 
@@ -32,6 +34,15 @@ from glrec_fast.models import hybrid
 from glrec_fast.models.score_hybrid import HYBRID_GRID, KNN_SHARES
 
 PROVIDERS = {"ops.topk_rows": ops.topk_rows, "torch.topk": lambda x, k: torch.topk(x, k, dim=1)}
+
+
+def same(a, b) -> bool:
+    """Equal results, nan (a context with no test item) equal to nan."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
 
 
 def timed(fn) -> float:
@@ -65,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--gowalla", action="store_true",
+                    help="add time_to_quality's eval_speed case: every Gowalla test user, cut-offs 10/20/50, per context")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(0)
@@ -95,8 +108,22 @@ def main(argv=None) -> int:
     ops.topk_rows = PROVIDERS["torch.topk"]
     want_ev, want_tune = ev(), tune()
     ops.topk_rows = saved
-    assert ev() == want_ev and tune() == want_tune, "the providers disagree"
-    cases = {**op_cases,
+    assert same(ev(), want_ev) and same(tune(), want_tune), "the providers disagree"
+    gowalla = {}
+    if a.gowalla:
+        from glrec_fast import BipartiteGraph
+        from glrec_fast.data import load_dataset
+        ds = load_dataset("gowalla")
+        g = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
+        gs = metrics.EmbeddingScorer(torch.randn(ds.num_users, 64, generator=gen), torch.randn(ds.num_items, 64, generator=gen))
+        gev = lambda: metrics.evaluate(gs, ds.test, ds.num_users, ds.num_items, exclude=[ds.train],  # noqa: E731
+                                       ks=(10, 20, 50), item_context=g.item_context)
+        ops.topk_rows = PROVIDERS["torch.topk"]
+        want_g = gev()
+        ops.topk_rows = saved
+        assert same(gev(), want_g), "the providers disagree on Gowalla"
+        gowalla = {"metrics.evaluate Gowalla test 29,858 x 40,981, ks 10/20/50, per context": lambda p: with_provider(p, gev)}
+    cases = {**op_cases, **gowalla,
              "metrics.evaluate 22,363 x 12,101": lambda p: with_provider(p, ev),
              "tune_score_shares 5,000 x 12,101, 11 x 20": lambda p: with_provider(p, tune)}
     med = interleave(cases, a.rounds)
