@@ -15,6 +15,8 @@ import torch
 # training interactions; tail = every other warm item. A cold item is never head.
 ITEM_COLD, ITEM_HEAD, ITEM_TAIL = 0, 1, 2
 ITEM_CONTEXT_NAMES = {ITEM_COLD: "cold", ITEM_HEAD: "head", ITEM_TAIL: "tail"}
+# The item groups evaluation reports (metrics.evaluate's "/cold", "/warm", ... keys): name -> contexts.
+CONTEXTS = {"cold": (ITEM_COLD,), "warm": (ITEM_HEAD, ITEM_TAIL), "head": (ITEM_HEAD,), "tail": (ITEM_TAIL,)}
 # User contexts: cold = no training interaction.
 USER_COLD, USER_WARM = 0, 1
 USER_CONTEXT_NAMES = {USER_COLD: "cold", USER_WARM: "warm"}

@@ -26,10 +26,9 @@ from typing import Callable, Iterable
 import torch
 
 from . import ops
-from .graph import ITEM_COLD, ITEM_HEAD, ITEM_TAIL, BipartiteGraph
+from .graph import CONTEXTS, BipartiteGraph
 
 METRICS = ("recall", "ndcg", "precision", "hit", "mrr")
-CONTEXTS = {"cold": (ITEM_COLD,), "warm": (ITEM_HEAD, ITEM_TAIL), "head": (ITEM_HEAD,), "tail": (ITEM_TAIL,)}
 
 
 def csr_of_pairs(pairs: torch.Tensor, num_users: int):

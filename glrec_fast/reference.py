@@ -284,9 +284,11 @@ def gram_rows(rowptr, col, val, t_rowptr, t_col, t_val, rows, out_index) -> torc
         # Checked: this is also the fallback without the compiled kernel (a bad CSR raises, never reads wild).
         r = torch.sparse_csr_tensor(rowptr, col, val, (num_u, num_i), check_invariants=True)
         t = torch.sparse_csr_tensor(t_rowptr, t_col, t_val, (num_i, num_u), check_invariants=True)
-    from .metrics import csr_rows
     dev = rowptr.device
-    pos, items = csr_rows(rowptr.cpu(), col.cpu(), rows)      # (position in rows, item) of each pattern entry
+    rp, cl = rowptr.cpu(), col.cpu()
+    spans = [cl[rp[u]:rp[u + 1]] for u in rows.tolist()]    # each row's pattern: its items
+    pos = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([s.numel() for s in spans], dtype=torch.long))
+    items = torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
     x = torch.zeros(num_i, rows.numel(), device=dev)
     x[items.to(dev), pos.to(dev)] = 1.0
     nat = torch.sparse.mm(t, torch.sparse.mm(r, x)).T
@@ -348,7 +350,7 @@ def evaluate(score_fn, test: torch.Tensor, num_users: int, num_items: int, exclu
              item_context: torch.Tensor | None = None) -> dict:
     """``metrics.evaluate`` written the plain way (dense masks, one full-width top-k per context over
     every test user at once, small inputs only): the ground truth for its tests."""
-    from .metrics import CONTEXTS, METRICS
+    from .graph import CONTEXTS
     ks = sorted({int(k) for k in ks})
     users = torch.unique(test[:, 0])
     scores = score_fn(users).float().clone()
@@ -376,8 +378,8 @@ def evaluate(score_fn, test: torch.Tensor, num_users: int, num_items: int, exclu
             first = torch.where(h.any(1), h.argmax(1).double() + 1.0, torch.full_like(nh, math.inf))
             vals = {"recall": nh / n_rel.clamp(min=1), "precision": nh / k, "ndcg": (h * disc).sum(1) / idcg.clamp(min=1e-12),
                     "hit": (nh > 0).double(), "mrr": 1.0 / first}
-            for m in METRICS:
-                out[f"{m}@{k}{cname}"] = float(vals[m][has].mean()) if bool(has.any()) else float("nan")
+            for m, v in vals.items():
+                out[f"{m}@{k}{cname}"] = float(v[has].mean()) if bool(has.any()) else float("nan")
         out["n_users" + cname] = int(has.sum())
     return out
 
