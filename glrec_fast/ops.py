@@ -37,7 +37,7 @@ SCHEMAS = {
     # Rows of pattern(R[rows]) T R with the output's columns permuted (a graph filter's r P~).
     "gram_rows": ("gram_rows(Tensor rowptr, Tensor col, Tensor val, Tensor t_rowptr, Tensor t_col, Tensor t_val, "
                   "Tensor rows, Tensor out_index) -> Tensor"),
-    # Each row's k largest values and their columns, best first; ties: the smaller column (ranking).
+    # Each row's k largest values and their columns, best first; ties in a fixed hashed column order.
     "topk_rows": "topk_rows(Tensor x, int k) -> (Tensor, Tensor)",
     # optim.RowAdam's step on the rows of a row-sparse gradient, in place (rows unique).
     "row_adam_": ("row_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
@@ -357,9 +357,9 @@ def gram_rows(r: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, out_index: t
 
 
 def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) ``[B, k]``: each row's ``k`` largest entries of the 2-d ``x``, best first; ties go
-    to the smaller column and NaN ranks first (the first ``k`` of a stable descending sort,
-    ``reference.topk_rows``). Float32 CPU tiles take the compiled kernel (one pass per row over a
+    """(values, indices) ``[B, k]``: each row's ``k`` largest entries of the 2-d ``x``, best first; NaN ranks
+    first and ties go by a fixed pseudo-random order of the columns (``reference.topk_rows``), so where
+    scores tie no range of item ids is favoured. Float32 CPU tiles take the compiled kernel (one pass per row over a
     k-slot heap: several times torch.topk's speed at ranking's k = 20); any other tile, or a process
     without the kernel, takes ``torch.topk``, which returns the same values but orders ties its own
     way. Not differentiable."""

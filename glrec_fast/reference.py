@@ -267,11 +267,15 @@ def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor
 
 
 # --------------------------------------------------------------------------- graph filters
+TOPK_TIE_HASH = 0x9E3779B1   # ops.topk_rows's tie order: columns by (col * TOPK_TIE_HASH) mod 2^32, smaller first
+
+
 def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ops.topk_rows``: the first ``k`` columns of each row's stable descending sort (ties: the smaller
-    column; NaN first)."""
-    values, indices = torch.sort(x, dim=1, descending=True, stable=True)
-    return values[:, :k].contiguous(), indices[:, :k].contiguous()
+    """``ops.topk_rows``: each row's first ``k`` columns by value, descending (NaN first), ties in the fixed
+    pseudo-random column order of ``TOPK_TIE_HASH``: a stable sort of the columns put in that order."""
+    order = torch.argsort(torch.arange(x.size(1), dtype=torch.long, device=x.device) * TOPK_TIE_HASH % (1 << 32))
+    values, pos = torch.sort(x[:, order], dim=1, descending=True, stable=True)
+    return values[:, :k].contiguous(), order[pos[:, :k]].contiguous()
 
 
 def gram_rows(rowptr, col, val, t_rowptr, t_col, t_val, rows, out_index) -> torch.Tensor:

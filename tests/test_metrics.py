@@ -155,8 +155,8 @@ COMPILED_TOPK = ops.KERNELS["topk_rows"]["CPU"] == "C++ (_C)"
 @pytest.mark.skipif(not COMPILED_TOPK, reason="compiled extension not built")
 @pytest.mark.parametrize("n,k", [(37, 20), (5000, 20), (700, 256), (9, 9), (9, 0), (1, 1)])
 def test_topk_rows_kernel_is_the_stable_descending_sort_prefix(n, k):
-    """The compiled kernel equals reference.topk_rows (values and ids: ties to the smaller column, NaN
-    first) on continuous scores, heavy ties, -inf (excluded items) and NaN, and its values are torch.topk's."""
+    """The compiled kernel equals reference.topk_rows (values and ids: ties in the hashed column order,
+    NaN first) on continuous scores, heavy ties, -inf (excluded items) and NaN, and its values are torch.topk's."""
     gen = torch.Generator().manual_seed(n + k)
     tiles = [torch.randn(33, n, generator=gen),
              torch.randint(0, 4, (33, n), generator=gen).float(),            # heavy ties
@@ -189,3 +189,14 @@ def test_topk_rows_bad_input_names_it():
             torch.ops.glrec.topk_rows(torch.zeros(5, 3).t(), 2)
         with pytest.raises(RuntimeError, match="k must be in"):
             torch.ops.glrec.topk_rows(torch.zeros(3, 5), 7)
+
+
+def test_topk_rows_ties_favour_no_id_range():
+    """A row of equal scores: the kept columns are spread over the row (the hashed tie order), not its
+    first k columns, and the same on every call."""
+    x = torch.zeros(2, 1000)
+    _, idx = ops.topk_rows(x, 50)
+    assert torch.equal(idx[0], idx[1]) and torch.equal(idx, ops.topk_rows(x, 50)[1])
+    assert idx.unique().numel() == 50
+    if COMPILED_TOPK:
+        assert int((idx[0] < 500).sum()) in range(10, 41)       # about half in each half of the ids

@@ -259,8 +259,8 @@ def test_score_hybrid_tune_sets_the_cold_weight_after_the_weight():
 
 def test_choose_mix_judges_the_ends_with_their_cold_weight():
     """score_hybrid.choose_mix against brute force over full rankings, on a case (found by search) where
-    the share that wins with one weight for every item (0.1) loses to kNN alone once each candidate's
-    cold items get their own weight: the rule must judge both ends with their cold weight tuned."""
+    the share that wins with one weight for every item (0.1) loses to one text branch alone once each
+    candidate's cold items get their own weight: the rule must judge both ends with their cold weight."""
     from glrec_fast import metrics
     from glrec_fast.models.hybrid import ScoreFusion
     from glrec_fast.models.score_hybrid import HYBRID_GRID, KNN_SHARES, choose_mix, text_side
@@ -291,7 +291,7 @@ def test_choose_mix_judges_the_ends_with_their_cold_weight():
     want = max(judged, key=lambda s: (judged[s][0], -list(judged).index(s)))
     s, a, a_cold, table = choose_mix(gs, ts, ks, cold, valid, U, I, exclude=[e])
     assert (s, a, a_cold) == (want, pytest.approx(judged[want][1]), pytest.approx(judged[want][2]))
-    assert first == 0.1 and want == 1.0                  # the case tells the two rules apart
+    assert 0.0 < first < 1.0 and want in (0.0, 1.0)     # the case tells the two rules apart
     assert [w for w, _ in table] == list(HYBRID_GRID)
     s0, a0, a0_cold, _ = choose_mix(gs, ts, None, cold, valid, U, I, exclude=[e])   # no kNN: the share is 0
     assert s0 == 0.0 and (a0, a0_cold) == (pytest.approx(judged[0.0][1]), pytest.approx(judged[0.0][2]))

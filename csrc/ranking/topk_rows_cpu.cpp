@@ -1,6 +1,9 @@
 // glrec::topk_rows on CPU: each row's k largest values of a float32 [B, N] tile and their column ids,
-// best first. Ties go to the smaller column id and NaN ranks above every number, so the result is the
-// first k of a stable descending sort (reference.topk_rows), whatever the thread count.
+// best first. NaN ranks above every number, and ties go by a fixed pseudo-random order of the columns
+// (Fibonacci hashing: col * 0x9E3779B1 mod 2^32, smaller first), so no range of item ids is favoured
+// where scores tie (a filter scores every cold item alike; by "smaller id first" ml-100k's cold-item
+// metrics of a tie-only ranker rose from 0.014 to 0.171). The result is reference.topk_rows's, whatever
+// the thread count.
 //
 // Why not torch.topk: ranking keeps k = 20 of thousands of items per row (metrics.evaluate, the score
 // hybrid's weight search), and torch's CPU topk partially sorts every row (about 13 ns an element on
@@ -24,15 +27,25 @@
 namespace glrec {
 namespace {
 
+constexpr uint32_t kTieHash = 0x9E3779B1u;   // odd: col -> col * kTieHash is a bijection mod 2^32
+
+constexpr uint32_t inverse_mod_2_32(uint32_t a) {   // Newton's iteration: a * inv == 1 (mod 2^32)
+  uint32_t inv = a;
+  for (int i = 0; i < 5; ++i) inv *= 2u - a * inv;
+  return inv;
+}
+constexpr uint32_t kTieHashInverse = inverse_mod_2_32(kTieHash);
+static_assert(kTieHash * kTieHashInverse == 1u, "the tie order must be invertible");
+
 // A (value, column) pair as one unsigned 64-bit key that orders like the ranking: the value's bits
-// mapped to an unsigned int that orders as the floats do (NaN above +inf, -0 as +0), then the column
-// complemented (a smaller column ranks first). Heap work is then one integer compare per step.
+// mapped to an unsigned int that orders as the floats do (NaN above +inf, -0 as +0), then the column's
+// tie rank complemented (a smaller hash ranks first). Heap work is then one integer compare per step.
 inline uint64_t encode(float v, int64_t col) {
   uint32_t b;
   if (v == 0.f) v = 0.f;
   std::memcpy(&b, &v, sizeof b);
   const uint32_t key = std::isnan(v) ? 0xffffffffu : ((b & 0x80000000u) ? ~b : (b | 0x80000000u));
-  return (static_cast<uint64_t>(key) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(col));
+  return (static_cast<uint64_t>(key) << 32) | static_cast<uint32_t>(~(static_cast<uint32_t>(col) * kTieHash));
 }
 
 inline float decode_value(uint64_t c) {
@@ -44,7 +57,9 @@ inline float decode_value(uint64_t c) {
   return v;
 }
 
-inline int64_t decode_column(uint64_t c) { return static_cast<uint32_t>(~static_cast<uint32_t>(c)); }
+inline int64_t decode_column(uint64_t c) {
+  return static_cast<uint32_t>(~static_cast<uint32_t>(c) * kTieHashInverse);
+}
 
 // Restore the min-heap below position p (heap[0]: the kept key that ranks last).
 inline void sift_down(uint64_t* heap, int64_t k, int64_t p) {
@@ -64,31 +79,29 @@ GLREC_CLONES
 void row_topk(const float* x, int64_t n, int64_t k, uint64_t* heap, float* out_v, int64_t* out_i) {
   for (int64_t j = 0; j < k; ++j) heap[j] = encode(x[j], j);
   for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(heap, k, p);
-  // A later column can enter only with a larger value or as a NaN (an equal value loses the tie to the
-  // smaller column); once the last kept value is a NaN, every kept one is and nothing can enter. Blocks
-  // of 32 columns are screened with one vectorisable test, so a block with no entrant is a few
-  // instructions.
+  // A later column can enter only with a value at least the last kept one's, or as a NaN (an equal
+  // value enters when its tie rank is smaller: the 64-bit key decides). Blocks of 32 columns are
+  // screened with one vectorisable test, so a block with no candidate is a few instructions.
   constexpr int64_t kBlock = 32;
   float last = decode_value(heap[0]);
   int64_t j = k;
-  while (j < n && !std::isnan(last)) {
+  while (j < n) {
     const int64_t end = std::min(n, j + kBlock);
     int any = 0;
     if (end - j == kBlock) {
       const float* xb = x + j;
-      for (int t = 0; t < kBlock; ++t) any |= static_cast<int>(xb[t] > last) | static_cast<int>(xb[t] != xb[t]);
+      for (int t = 0; t < kBlock; ++t) any |= static_cast<int>(xb[t] >= last) | static_cast<int>(xb[t] != xb[t]);
     } else {
       any = 1;
     }
     if (any) {
       for (int64_t t = j; t < end; ++t) {
-        if (!(x[t] > last) && !std::isnan(x[t])) continue;
+        if (!(x[t] >= last) && !std::isnan(x[t])) continue;
         const uint64_t c = encode(x[t], t);
         if (c > heap[0]) {
           heap[0] = c;
           sift_down(heap, k, 0);
           last = decode_value(heap[0]);
-          if (std::isnan(last)) break;
         }
       }
     }
