@@ -15,7 +15,8 @@ Three levels, each provider interleaved round by round in one process (medians o
   hybrid's per-evaluation search of 11 kNN shares x 20 weights).
 
 The op's values are checked equal to torch.topk's and its ids to ``reference.topk_rows`` (torch.topk
-orders ties its own way), and each measured call's answers equal across providers, before timing. Both providers
+orders ties its own way), and each measured call's answers equal across providers (the tuner's within
+1e-3: its mixed scores can tie at float rounding), before timing. Both providers
 use the same thread count (``--threads``).
 """
 from __future__ import annotations
@@ -36,13 +37,13 @@ from glrec_fast.models.score_hybrid import HYBRID_GRID, KNN_SHARES
 PROVIDERS = {"ops.topk_rows": ops.topk_rows, "torch.topk": lambda x, k: torch.topk(x, k, dim=1)}
 
 
-def same(a, b) -> bool:
-    """Equal results, nan (a context with no test item) equal to nan."""
+def same(a, b, tol: float = 0.0) -> bool:
+    """Equal results within ``tol``, nan (a context with no test item) equal to nan."""
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same(a[k], b[k], tol) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b or (a != a and b != b)
+        return len(a) == len(b) and all(same(x, y, tol) for x, y in zip(a, b))
+    return a == b or (a != a and b != b) or abs(a - b) <= tol
 
 
 def timed(fn) -> float:
@@ -108,7 +109,8 @@ def main(argv=None) -> int:
     ops.topk_rows = PROVIDERS["torch.topk"]
     want_ev, want_tune = ev(), tune()
     ops.topk_rows = saved
-    assert same(ev(), want_ev) and same(tune(), want_tune), "the providers disagree"
+    # The tuner's mixed scores can tie at float rounding, where the two top-ks order ties differently.
+    assert same(ev(), want_ev) and same(tune(), want_tune, tol=1e-3), "the providers disagree"
     gowalla = {}
     if a.gowalla:
         from glrec_fast import BipartiteGraph
