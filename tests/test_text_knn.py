@@ -181,6 +181,17 @@ def _two_scorers(g, seed=0):
             EmbeddingScorer(torch.randn(g.num_users, 4, generator=gen), torch.randn(g.num_items, 4, generator=gen)))
 
 
+def _half_cold_valid(g, e):
+    """Valid pairs where half of the users' held-out item is cold (the last 5 items), so the cold weight
+    matters; training pairs ``e`` left out."""
+    users = torch.arange(g.num_users - 2)
+    gen = torch.Generator().manual_seed(4)
+    items = torch.where(users % 2 == 0, torch.randint(g.num_items - 5, g.num_items, (users.numel(),), generator=gen),
+                        torch.randint(0, g.num_items - 5, (users.numel(),), generator=gen))
+    valid = torch.stack([users, items], 1)
+    return valid[~torch.isin(valid[:, 0] * g.num_items + valid[:, 1], e[:, 0] * g.num_items + e[:, 1])]
+
+
 def test_score_fusion_mixes_cold_items_with_their_own_weight():
     from glrec_fast.models.hybrid import ScoreFusion
     g, _ = _graph()
@@ -207,13 +218,7 @@ def test_tune_cold_weight_picks_the_best_full_ranking_on_valid():
     g, e = _graph()
     gs, ts = _two_scorers(g, seed=1)
     cold = g.item_context == ITEM_COLD
-    # Valid pairs: half of the users' held-out item is cold, so the cold weight matters.
-    users = torch.arange(g.num_users - 2)
-    gen = torch.Generator().manual_seed(4)
-    items = torch.where(users % 2 == 0, torch.randint(g.num_items - 5, g.num_items, (users.numel(),), generator=gen),
-                        torch.randint(0, g.num_items - 5, (users.numel(),), generator=gen))
-    valid = torch.stack([users, items], 1)
-    valid = valid[~torch.isin(valid[:, 0] * g.num_items + valid[:, 1], e[:, 0] * g.num_items + e[:, 1])]
+    valid = _half_cold_valid(g, e)
     a_cold, table = tune_cold_weight(gs, ts, 0.6, cold, valid, g.num_users, g.num_items, exclude=[e], grid=HYBRID_GRID)
     brute = {a: metrics.evaluate(ScoreFusion(gs, ts, 0.6, a, cold), valid, g.num_users, g.num_items, exclude=[e],
                                  ks=(20,))["ndcg@20"] for a in HYBRID_GRID}
@@ -241,12 +246,7 @@ def test_score_hybrid_tune_sets_the_cold_weight_after_the_weight():
             return gs
     m = ScoreHybrid(g, Fixed(), TextKNN(g, torch.randn(g.num_items, 6, generator=torch.Generator().manual_seed(2)),
                                         neighbours=3).fit())
-    users = torch.arange(g.num_users - 2)
-    gen = torch.Generator().manual_seed(4)
-    items = torch.where(users % 2 == 0, torch.randint(g.num_items - 5, g.num_items, (users.numel(),), generator=gen),
-                        torch.randint(0, g.num_items - 5, (users.numel(),), generator=gen))
-    valid = torch.stack([users, items], 1)
-    valid = valid[~torch.isin(valid[:, 0] * g.num_items + valid[:, 1], e[:, 0] * g.num_items + e[:, 1])]
+    valid = _half_cold_valid(g, e)
     a = m.tune(valid, exclude=[e])
     want_a, _ = tune_score_weight(*m.branch_scorers(), valid, g.num_users, g.num_items, exclude=[e], grid=HYBRID_GRID)
     want_cold, _ = tune_cold_weight(*m.branch_scorers(), a, g.item_context == ITEM_COLD, valid, g.num_users,

@@ -566,12 +566,9 @@ class ScoreFusion:
         return out
 
     def reorder(self, order):
-        def re(s):
-            if hasattr(s, "reorder"):
-                return s.reorder(order)
-            return lambda us: (lambda t: t.index_select(1, order.to(t.device)))(s(us))
         cold = None if self.cold is None else self.cold[order.to(self.cold.device)]
-        return ScoreFusion(re(self.graph_scorer), re(self.text_scorer), self.weight, self.cold_weight, cold)
+        return ScoreFusion(_reordered(self.graph_scorer, order), _reordered(self.text_scorer, order), self.weight,
+                           self.cold_weight, cold)
 
 
 class ZMix:
@@ -594,11 +591,14 @@ class ZMix:
         return _mix_z(ScoreFusion.branch_z(self.second, users), ScoreFusion.branch_z(self.first, users), self.share)
 
     def reorder(self, order):
-        def re(s):
-            if hasattr(s, "reorder"):
-                return s.reorder(order)
-            return lambda us: (lambda t: t.index_select(1, order.to(t.device)))(s(us))
-        return ZMix(re(self.first), re(self.second), self.share)
+        return ZMix(_reordered(self.first, order), _reordered(self.second, order), self.share)
+
+
+def _reordered(scorer, order):
+    """``scorer`` with its item columns in ``order`` (its own ``reorder`` when it has one)."""
+    if hasattr(scorer, "reorder"):
+        return scorer.reorder(order)
+    return lambda us: (lambda t: t.index_select(1, order.to(t.device)))(scorer(us))
 
 
 def _mix_z(x: torch.Tensor, y: torch.Tensor, a: float) -> torch.Tensor:
