@@ -14,7 +14,9 @@ Per seed, on the same split, every choice made on validation (test is read once 
                   valid, coarse to fine: --static_coarse, then steps of 0.05 from the best until
                   both its neighbours are tried (an explicit --static_grid tries exactly that list)
   gated           the per-context gate (buckets); it starts at the static weight chosen for the
-                  seed when `static` runs (so the gate learns the deviations), else at the defaults
+                  seed when `static` runs (so the gate learns the deviations), else at the defaults,
+                  and the library's gate_reg pulls it back there (0.1; runs before that default were
+                  unpulled, gate_reg 0)
   gated-cont      the same with the continuous-context gate (--gate_features continuous)
   gated-shared    ablation: one fused user vector for all item contexts (user_gate="shared")
   gated-learned-cold  ablation: cold items' gates learned per dimension (cold_gate="vector")

@@ -1,4 +1,5 @@
 """FusedHybridRec: gate semantics, cold-start routing, cold simulation, the grokking prior, errors."""
+import inspect
 import json
 import math
 
@@ -245,6 +246,37 @@ def test_gate_reg_pulls_gates_toward_their_start():
         _model(gate_reg=-1.0)
 
 
+def _gate_drift(gate_reg: float, steps: int = 60) -> float:
+    """Largest move of any warm item's gate from gate_init after ``steps`` Adam steps on triples with
+    no signal (random positives and negatives)."""
+    torch.manual_seed(3)
+    g, m = _model(gate_init=0.75, gate_reg=gate_reg)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    m.train()
+    for _ in range(steps):
+        users, pos, neg = torch.randint(0, 30, (64,)), torch.randint(0, 20, (64,)), torch.randint(0, 20, (64,))
+        loss, _ = m.loss(users, pos, neg, 1e-4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        br = m.branch_embeddings()
+        warm = g.item_context != ITEM_COLD
+        gv = m.gate_values(br["graph"][1], br["text"][1], g.item_context)[warm]
+    return float((gv - 0.75).abs().max())
+
+
+def test_default_gate_reg_holds_a_gate_with_no_signal_at_its_start():
+    """Issue 11: with no signal the gate stays at the tuned static mix it starts from. Unpulled
+    (gate_reg 0) the gates wander; the default pull keeps every warm gate within 0.02 of gate_init."""
+    from glrec_fast.config import defaults
+    default = defaults()["gate_reg"]   # the Python API's default is the CLI's
+    assert inspect.signature(FusedHybridRec).parameters["gate_reg"].default == default
+    free, held = _gate_drift(0.0), _gate_drift(default)
+    assert free > 0.05, free
+    assert held < 0.02 and held < free / 3, (held, free)
+
+
 def test_moving_the_model_moves_one_graph():
     """The hybrid and its GraphSAGE branch hold the same graph; .to() must leave them sharing one copy."""
     g, m = _model(graph_branch="graphsage", fanouts=[3, 3])
@@ -407,7 +439,7 @@ def test_softmax_loss_equals_the_softmax_on_ranking_embeddings(fusion, user_gate
     # scores it (the user's vector through the gate of that item's context), so with no cold-start
     # simulation the loss and its gradients equal the sampled softmax on embeddings()' rows.
     from glrec_fast.models.losses import sampled_softmax
-    g, m = _model(fusion=fusion, user_gate=user_gate, cold_drop=0.0, aux_weight=0.0, cold_gate="vector")
+    g, m = _model(fusion=fusion, user_gate=user_gate, cold_drop=0.0, aux_weight=0.0, cold_gate="vector", gate_reg=0.0)
     with torch.no_grad():
         m.gate_weight.normal_()
         m.gate_bias.normal_()
