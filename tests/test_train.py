@@ -379,6 +379,20 @@ def test_bpr_negatives_avoid_training_items_and_repeat_per_seed():
     assert sat.shape == (10,) and bool(((sat >= 0) & (sat < ni)).all())
 
 
+def test_default_loss_is_softmax_for_the_filter_score_hybrid_only():
+    """loss: null resolves to softmax for the default hybrid (score fusion, filter graph branch: the one
+    trained branch is the text model) and to bpr for every other model; an explicit --loss wins."""
+    cfg = config.resolve([])
+    assert cfg["loss"] is None and cfg["model"] == "hybrid" and cfg["fusion"] == "score"
+    assert train.resolve_loss(cfg)["loss"] == "softmax"
+    assert train.resolve_loss(dict(cfg, graph_branch="gfcf"))["loss"] == "softmax"
+    for other in (dict(model="lightgcn"), dict(model="mf"), dict(fusion="gated"), dict(graph_branch="lightgcn")):
+        assert train.resolve_loss(dict(cfg, **other))["loss"] == "bpr", other
+    assert train.resolve_loss(dict(cfg, loss="bpr"))["loss"] == "bpr"
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        train.check_config(dict(cfg, loss="hinge"))
+
+
 def test_default_lr_is_chosen_per_model_and_recorded(tmp_path):
     """lr: null (the default) resolves to HYBRID_LR for the hybrid and DEFAULT_LR otherwise; an explicit
     --lr wins; config.yaml and the optimizer carry the resolved value; a non-number is named."""
@@ -394,4 +408,5 @@ def test_default_lr_is_chosen_per_model_and_recorded(tmp_path):
     out = tmp_path / "mf"
     assert train.main(BASE + ["--model", "mf", "--epochs", "1", "--out", str(out)]) == 0
     assert checkpoint.load(out / "last.pt")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
-    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == pytest.approx(1e-3)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["lr"] == pytest.approx(1e-3) and recorded["loss"] == "bpr"
