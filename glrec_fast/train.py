@@ -272,14 +272,15 @@ def resolve_lr(cfg: dict) -> dict:
 
 def resolve_loss(cfg: dict) -> dict:
     """``loss: null`` (the default): ``softmax`` for the score hybrid whose graph branch is a fitted filter
-    (the default hybrid: its one trained branch is the text model), ``bpr`` otherwise. On amazon-beauty
-    (seed 0) the default hybrid with the text branch trained by sampled softmax had, after its first
-    epoch, the validation score BPR reached after 28 (bench/RESULTS.md, "The text branch by sampled
-    softmax")."""
+    (the default hybrid: its one trained branch is the text model), ``bpr`` otherwise; call it on a
+    config whose ``graph_branch`` is resolved (``resolve_graph_branch``). On amazon-beauty (seed 0) the
+    default hybrid with the text branch trained by sampled softmax had, after its first epoch, the
+    validation score BPR reached after 28 (bench/RESULTS.md, "The text branch by sampled softmax")."""
+    from .models.score_hybrid import FILTER_BRANCHES
     if cfg["loss"] is not None:
         return cfg
     score_filter = (cfg["model"] == "hybrid" and cfg["fusion"] == "score"
-                    and cfg["graph_branch"] in ("auto", "gfcf", "bspm"))
+                    and cfg["graph_branch"] in FILTER_BRANCHES)
     loss = "softmax" if score_filter else "bpr"
     log.info("loss: %s (the default for --model %s%s)", loss, cfg["model"],
              " with a filter graph branch at score level" if score_filter else "")
@@ -356,7 +357,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
     main_rank = ctx.is_main
     save = checkpoint.save if main_rank else (lambda obj, path: None)   # rank 0 writes every file
     _setup_logging(out, ctx)
-    cfg = resolve_loss(resolve_lr(cfg))
+    cfg = resolve_lr(cfg)
     if ctx.active:
         log.info("distributed: %d ranks, backend %s, this rank on %s; global batch %d = %d ranks x ~%d",
                  ctx.world_size, ctx.backend, device, cfg["batch_size"], ctx.world_size,
@@ -373,7 +374,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
     graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
     load_s = time.time() - t0
     log.info("graph: %s (load %.1fs)", graph, load_s)
-    cfg = resolve_graph_branch(cfg, ds)
+    cfg = resolve_loss(resolve_graph_branch(cfg, ds))
     _scale_hints(cfg, graph)
     t_start = time.time()   # --time_budget counts from here: initialisation, training and validation
     model = build_model(cfg, ds, graph, device).to(device)

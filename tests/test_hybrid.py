@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from conftest import minilm
 from glrec_fast import BipartiteGraph, reference, train
@@ -164,6 +165,9 @@ def test_cli_default_hybrid_is_the_score_mix(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     w = m["gates"]["score/graph_weight"]
     assert m["model"] == "hybrid" and min(abs(w - a) for a in HYBRID_GRID) < 1e-6
+    # graph_branch auto became the filter, so its one trained branch (the text model) trains by softmax.
+    used = yaml.safe_load((out / "config.yaml").read_text())
+    assert used["graph_branch"] == "gfcf" and used["loss"] == "softmax"
     assert m["test"]["recall@20"] > 0.15   # random ranking: about 20/150 = 0.133 (3 epochs of a toy)
 
 

@@ -384,8 +384,8 @@ def test_default_loss_is_softmax_for_the_filter_score_hybrid_only():
     trained branch is the text model) and to bpr for every other model; an explicit --loss wins."""
     cfg = config.resolve([])
     assert cfg["loss"] is None and cfg["model"] == "hybrid" and cfg["fusion"] == "score"
-    assert train.resolve_loss(cfg)["loss"] == "softmax"
-    assert train.resolve_loss(dict(cfg, graph_branch="gfcf"))["loss"] == "softmax"
+    for branch in ("gfcf", "bspm"):   # graph_branch auto resolves to gfcf at score level (resolve_graph_branch)
+        assert train.resolve_loss(dict(cfg, graph_branch=branch))["loss"] == "softmax"
     for other in (dict(model="lightgcn"), dict(model="mf"), dict(fusion="gated"), dict(graph_branch="lightgcn")):
         assert train.resolve_loss(dict(cfg, **other))["loss"] == "bpr", other
     assert train.resolve_loss(dict(cfg, loss="bpr"))["loss"] == "bpr"
