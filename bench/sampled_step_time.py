@@ -34,6 +34,7 @@ def main(argv=None) -> int:
         dataset="synthetic", synthetic_interactions=n, synthetic_users=max(2000, n // 100),
         synthetic_items=max(1000, n // 200), model="graphsage", sampled=True, fanouts=[10, 10], num_layers=2,
         batch_size=bs, grokking=False, out="unused"))
+    cfg = getattr(train, "resolve_lr", lambda c: c)(cfg)   # lr: null resolves per model (older commits: a number)
     torch.set_num_threads(int(cfg["num_threads"] or torch.get_num_threads()))
     ds = train.load_data(cfg)
     graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)

@@ -279,11 +279,13 @@ class Prefetcher:
         self._queue.append((args, self._pool.submit(self.fn, *args)))
 
     def take(self, *args):
-        while self._queue:
-            queued, fut = self._queue.popleft()
+        """The result queued for ``args``: entries queued before it are stale and dropped, those after
+        it (batches submitted ahead) stay. Not queued: computed on the spot, the queue left alone."""
+        for i, (queued, _) in enumerate(self._queue):
             if len(queued) == len(args) and all(_same(a, b) for a, b in zip(queued, args)):
-                return fut.result()
-            fut.cancel()
+                for _ in range(i):
+                    self._queue.popleft()[1].cancel()
+                return self._queue.popleft()[1].result()
         return self.fn(*args)
 
     def close(self) -> None:

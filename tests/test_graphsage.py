@@ -280,6 +280,23 @@ def test_prefetched_sample_is_the_fresh_sample(graph):
                            GraphSAGE(graph, 8, [3, 3], sample_seed=8).sample(users, pos, neg).edge_ids[1])
 
 
+def test_prefetch_in_the_training_loops_order_samples_ahead():
+    # train.py submits batch b + 1, then takes batch b. From the second batch on, every take must
+    # find its batch sampled on the worker thread; a take that dropped the batch queued after it
+    # (b + 1) would leave every batch to be sampled again on the training thread.
+    import threading
+    from glrec_fast.sampling import Prefetcher
+    pf = Prefetcher(lambda j: (j, threading.current_thread().name))
+    where = []
+    for b in range(6):
+        pf.submit(torch.tensor([b + 1]))
+        j, thread = pf.take(torch.tensor([b]))
+        assert int(j) == b
+        where.append(thread.startswith("glrec-sampler"))
+    pf.close()
+    assert where == [False] + [True] * 5
+
+
 def test_prefetch_errors_surface_in_the_training_thread(graph):
     model = GraphSAGE(graph, dim=8, fanouts=[3])
     bad = torch.tensor([0, 1000])
