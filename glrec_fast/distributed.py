@@ -198,17 +198,17 @@ def step_function(model: torch.nn.Module, ctx: Context, device: torch.device):
 
 
 def _dense_row_mean(p: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, world: int) -> torch.Tensor:
-    """The ranks' mean row gradient through one dense all-reduce of the table's shape plus a
-    touched-row mask: for steps that touch most of a table (GraphSAGE batches reach ~all nodes),
-    where gathering every rank's row list and coalescing it costs a sort of world x rows."""
-    buf = p.new_zeros(p.shape)
-    buf.index_copy_(0, idx, vals)
-    mask = torch.zeros(p.shape[0], dtype=torch.int32, device=p.device)
-    mask[idx] = 1
+    """The ranks' mean row gradient through one dense all-reduce of the table's shape with one more
+    column counting the ranks that touched each row: for steps that touch most of a table (GraphSAGE
+    batches reach ~all nodes), where gathering every rank's row list and coalescing it costs a sort
+    of world x rows. One collective, not two: the touched-row mask rides in the extra column."""
+    d = vals.shape[1]
+    buf = p.new_zeros((p.shape[0], d + 1))
+    buf[:, :d].index_copy_(0, idx, vals)
+    buf[:, d].index_fill_(0, idx, 1)
     torch.distributed.all_reduce(buf)
-    torch.distributed.all_reduce(mask)
-    rows = torch.nonzero(mask).flatten()   # ascending: the gradient is coalesced by construction
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), buf.index_select(0, rows) / world, p.shape,
+    rows = torch.nonzero(buf[:, d]).flatten()   # ascending: the gradient is coalesced by construction
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), buf[:, :d].index_select(0, rows) / world, p.shape,
                                    is_coalesced=True)
 
 
@@ -227,6 +227,8 @@ def sync_row_grads(params: list[torch.Tensor], ctx: Context) -> None:
         if g is not None and not g.is_sparse:
             raise RuntimeError(f"sync_row_grads: a row-sparse table of shape {tuple(p.shape)} got a dense gradient; "
                                f"some training read used table.weight directly instead of Recommender.rows")
+        if world == 1:
+            continue   # one rank: its gradient is already the mean
         if g is None:
             idx, vals = torch.zeros(0, dtype=torch.long, device=p.device), p.new_zeros((0,) + p.shape[1:])
         else:
