@@ -91,8 +91,9 @@ def _sparse_step(p, grad, state, group):
                          f"{tuple(p.shape)}, got sparse_dim {grad.sparse_dim()}")
     rows = grad._indices()[0]
     if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
-        # Already sorted and unique (a sampled block's node rows arrive so: sampling._NodeRows), which
-        # torch's gradient accumulation does not flag; one comparison pass instead of a sort.
+        # Already sorted and unique (a sampled block's node rows arrive so: ops.table_rows,
+        # ops.table_mean_concat), which torch's gradient accumulation does not flag; one comparison
+        # pass instead of a sort.
         g = grad._values()
     else:
         grad = grad.coalesce()

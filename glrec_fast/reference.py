@@ -160,10 +160,13 @@ def csr_transpose(rowptr: torch.Tensor, col: torch.Tensor, num_cols: int):
 
 
 def block_mean_concat(rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor,
-                      h: torch.Tensor) -> torch.Tensor:
+                      h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """``[h[:n] | mean over each row's sampled neighbours]`` (``[n, 2d]``, ``n = rowptr.numel() - 1``),
     the input of a GraphSAGE mean-aggregator layer: a slice, a gather-sum and a cat, differentiable
-    by torch's autograd. ``t_rowptr, t_col`` (the transposed CSR) are the compiled backward's."""
+    by torch's autograd. ``t_rowptr, t_col`` (the transposed CSR) are the compiled backward's.
+    ``index``: the block's rows are ``h[index]`` (``h`` the ID table)."""
+    if index is not None:
+        h = h[index]
     n = rowptr.numel() - 1
     counts = rowptr[1:] - rowptr[:-1]
     rows = torch.repeat_interleave(torch.arange(n, device=h.device), counts)
@@ -172,9 +175,12 @@ def block_mean_concat(rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.T
 
 
 def block_mean_concat_backward(rowptr: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor,
-                               grad: torch.Tensor) -> torch.Tensor:
-    """The gradient of :func:`block_mean_concat` in ``h`` (``[m, d]``, ``m = t_rowptr.numel() - 1``):
-    the self half into the first ``n`` rows plus the mean half spread back over the transposed CSR."""
+                               grad: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of :func:`block_mean_concat` in the block's rows (``[m, d]``, ``m = t_rowptr.numel() - 1``):
+    the self half into the first ``n`` rows plus the mean half spread back over the transposed CSR;
+    with ``order``, row ``s`` holds local row ``order[s]``'s gradient."""
+    if order is not None:
+        return block_mean_concat_backward(rowptr, t_rowptr, t_col, grad)[order]
     n, m, d = rowptr.numel() - 1, t_rowptr.numel() - 1, grad.size(1) // 2
     inv = 1.0 / (rowptr[1:] - rowptr[:-1]).clamp(min=1).to(grad.dtype)
     t_rows = torch.repeat_interleave(torch.arange(m, device=grad.device), t_rowptr[1:] - t_rowptr[:-1])

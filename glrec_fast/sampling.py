@@ -188,25 +188,6 @@ class _BlockProduct(torch.autograd.Function):
         return torch.sparse.mm(ctx.at, grad.contiguous()), None, None
 
 
-class _NodeRows(torch.autograd.Function):
-    """``weight[nodes]`` for a block's (unique) nodes, whose gradient is a row-sparse tensor with
-    its rows already sorted (the precomputed order): the optimiser (``optim.RowAdam``) then skips
-    coalescing ~300k row ids per step (at 20M interactions, batch 8,192)."""
-
-    @staticmethod
-    def forward(ctx, weight, nodes, order, sorted_ids):
-        ctx.save_for_backward(order, sorted_ids)
-        ctx.shape = weight.shape
-        return weight.index_select(0, nodes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        order, sorted_ids = ctx.saved_tensors
-        g = torch.sparse_coo_tensor(sorted_ids.unsqueeze(0), grad.index_select(0, order), ctx.shape,
-                                    is_coalesced=True, check_invariants=False)
-        return g, None, None, None
-
-
 def aggregate(h: torch.Tensor, a: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """``a @ h`` for a block's aggregation matrix (``Blocks.aggregation``: ``a`` sparse CSR
     ``[n, m]``, ``at`` its transpose), differentiable in ``h`` (the gradient is ``at @ grad``).
@@ -358,16 +339,22 @@ class SampledTraining:
     def block_rows(self, blocks: Blocks) -> torch.Tensor:
         """``ego.weight[blocks.nodes]``; a row-sparse gradient comes out with its rows sorted."""
         if self.row_sparse:
-            return _NodeRows.apply(self.ego.weight, blocks.nodes, *blocks.sorted_nodes())
+            return ops.table_rows(self.ego.weight, blocks.nodes, *blocks.sorted_nodes())
         return self.ego.weight[blocks.nodes]
+
+    def block_forward(self, blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final embeddings of the unique seeds, their ID rows), both in local-id order: what a
+        training step reads (the rows feed the L2 term)."""
+        h0 = self.block_rows(blocks)
+        return self.block_embeddings(blocks, h0), h0[: blocks.sizes[0]]   # seeds are the first local ids
 
     def _batch(self, users, pos, negs):
         """(users, positives, negatives) final vectors on the batch's sampled blocks, and the squared
         norms of the ID rows of ``[users | positives | negatives]`` (the L2 term's)."""
         blocks = self.blocks_for(users, pos, negs)
-        h0 = self.block_rows(blocks)
-        h = self.block_embeddings(blocks, h0)[blocks.seed_local]
-        sq = h0[: blocks.sizes[0]].pow(2).sum(1)[blocks.seed_local]   # seeds are the first local ids
+        h, seed_rows = self.block_forward(blocks)
+        h = h[blocks.seed_local]
+        sq = seed_rows.pow(2).sum(1)[blocks.seed_local]
         n = users.numel()
         return h[:n], h[n:2 * n], h[2 * n:], sq
 

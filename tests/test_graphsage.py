@@ -118,6 +118,60 @@ def test_block_mean_concat_bad_input_names_it(graph):
 
 
 @pytest.mark.skipif(not COMPILED_MEAN, reason="compiled extension not built")
+@pytest.mark.parametrize("dim", [64, 6])
+def test_table_mean_concat_reads_the_table_and_writes_sorted_rows(graph, dim):
+    # Layer 0 read straight off the ID table (index) with the gradient written in sorted row order
+    # (order): values and the row-sparse gradient equal the gather-then-concat form in float64.
+    users, pos, neg = BATCH
+    b = sampling.bpr_blocks(graph, users, pos, neg, [3, 4], seed=2)
+    csr = b.mean_csr(1)
+    order, ids = b.sorted_nodes()
+    table = torch.randn(graph.num_nodes, dim, requires_grad=True)
+    got = ops.table_mean_concat(table, b.nodes, order, ids, *csr)
+    assert type(got.grad_fn).__name__ == "_TableMeanConcatBackward"   # the compiled path, not the fallback
+    t64 = table.detach().double().requires_grad_()
+    want = reference.block_mean_concat(*csr, t64[b.nodes])
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(got)
+    (gt,) = torch.autograd.grad(got, table, g)
+    (wt,) = torch.autograd.grad(want, t64, g.double())
+    assert gt.is_sparse and gt.is_coalesced() and torch.equal(gt._indices()[0], ids)
+    torch.testing.assert_close(gt.to_dense().double(), wt, rtol=1e-6, atol=1e-6)
+    # The op's reference kernels (CUDA, GLREC_BACKEND=reference) take the same row maps.
+    torch.testing.assert_close(reference.block_mean_concat(*csr, t64.detach(), b.nodes), want.detach())
+    torch.testing.assert_close(reference.block_mean_concat_backward(csr[0], csr[2], csr[3], g.double(), order),
+                               wt[ids])
+    # Through the op's registered autograd, index gives h's dense gradient.
+    h = table.detach().clone().requires_grad_()
+    (gh,) = torch.autograd.grad(torch.ops.glrec.block_mean_concat(*csr, h, b.nodes), h, g)
+    torch.testing.assert_close(gh.double(), wt, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not COMPILED_MEAN, reason="compiled extension not built")
+def test_table_mean_concat_bad_row_maps_name_it(graph):
+    users, pos, neg = BATCH
+    b = sampling.bpr_blocks(graph, users, pos, neg, [3, 4], seed=2)
+    rowptr, col, t_rowptr, t_col = b.mean_csr(1)
+    table = torch.randn(graph.num_nodes, 8)
+    bad = b.nodes.clone()
+    bad[3] = graph.num_nodes
+    with pytest.raises(RuntimeError, match=r"index\[3\] = .* is out of range"):
+        torch.ops.glrec.block_mean_concat(rowptr, col, t_rowptr, t_col, table, bad)
+    with pytest.raises(RuntimeError, match="index must be a contiguous 1-d int64"):
+        torch.ops.glrec.block_mean_concat(rowptr, col, t_rowptr, t_col, table, b.nodes.int())
+    grad = torch.randn(rowptr.numel() - 1, 16)
+    order = b.sorted_nodes()[0]
+    twice = order.clone()
+    twice[1] = twice[0]
+    with pytest.raises(RuntimeError, match="order must be a permutation"):
+        torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, t_col, grad, twice)
+    with pytest.raises(RuntimeError, match="order must have"):
+        torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, t_col, grad, order[:-1].contiguous())
+    with pytest.raises(ValueError, match="t_rowptr: expected nodes.numel"):
+        ops.table_mean_concat(table, b.nodes[:-1], order, b.nodes, rowptr, col, t_rowptr, t_col)
+
+
+@pytest.mark.skipif(not COMPILED_MEAN, reason="compiled extension not built")
 @pytest.mark.parametrize("hop", [0, 1])
 def test_csr_transpose_equals_stable_argsort(graph, hop):
     users, pos, neg = BATCH
@@ -213,6 +267,33 @@ def test_row_sparse_gradient_is_the_dense_gradient_with_sorted_rows(graph, cls, 
     idx = grads[True]._indices()[0]
     assert bool((idx[1:] > idx[:-1]).all())            # one piece, rows sorted and unique: RowAdam skips the sort
     torch.testing.assert_close(grads[True].to_dense(), grads[False], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [GraphSAGE, SampledLightGCN])
+@pytest.mark.parametrize("row_sparse", [False, True])
+def test_sampled_l2_term_is_the_seeds_id_rows(graph, cls, row_sparse):
+    # The L2 term of a sampled step reads the seeds' ID rows off the block (GraphSAGE: off the self
+    # half of layer 0's input); its value and its gradient must be those of the table rows of
+    # [users | positives | negatives], one square per triple, over 2n.
+    users, pos, neg = BATCH
+    n, U = users.numel(), graph.num_users
+
+    def grad_of(reg_weight):
+        torch.manual_seed(0)
+        model = cls(graph, dim=8, fanouts=[3, 2], sample_seed=3)
+        model.row_sparse = row_sparse
+        loss, parts = model.loss(users, pos, neg, reg_weight)
+        loss.backward()
+        g = model.ego.weight.grad
+        return model, parts["reg"], (g.to_dense() if g.is_sparse else g)
+
+    model, reg, g1 = grad_of(0.5)
+    g0 = grad_of(0.0)[2]
+    w = model.ego.weight.detach().clone().requires_grad_()
+    want = sum(w[ids].pow(2).sum() for ids in (users, U + pos, U + neg)) / (2 * n)
+    want.backward()
+    torch.testing.assert_close(reg, want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g1 - g0, 0.5 * w.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_graphsage_full_embeddings_by_hand(graph):

@@ -13,6 +13,11 @@
 // output row is written once, the mean's scale comes from rowptr, and no value array exists.
 // float32 only (ops.block_mean_concat sends anything else to reference.block_mean_concat).
 //
+// Optional row maps, for a first layer that reads the ID table itself (ops.table_mean_concat):
+// `index` makes local row j the table row h[index[j]] (m = index.numel(), so no [m, d] copy of the
+// block's ID rows is made), and the backward's `order` writes output row s as the gradient of local
+// row order[s] (the optimiser's sorted row order, so no reordering pass over [m, d] either).
+//
 // glrec::csr_transpose: the transposed CSR of a block (t_rowptr, t_col = the row of each edge listed by
 // column) and `order` (the edges' positions in that listing: argsort(col, stable=True)) by one
 // counting sort, O(edges + columns) on one thread: it runs on the sampler's worker thread beside the
@@ -36,24 +41,25 @@ constexpr int64_t kPrefetch = 4;  // gathered rows ahead (2 and 8 measured the s
 // GraphSAGE's default); D = 0: any width d, the sum in a buffer.
 template <int D>
 GLREC_CLONES
-void concat_mean_rows(int64_t r0, int64_t r1, int64_t d, const int64_t* rp, const int64_t* cp, const float* h,
-                      float* out) {
+void concat_mean_rows(int64_t r0, int64_t r1, int64_t d, const int64_t* rp, const int64_t* cp, const int64_t* idx,
+                      const float* h, float* out) {
   const int64_t w = D > 0 ? D : d;
   std::vector<float> buf(D > 0 ? 0 : d);
   float local[D > 0 ? D : 1];
   float* acc = D > 0 ? local : buf.data();
   for (int64_t i = r0; i < r1; ++i) {
     float* self = out + i * 2 * w;
-    const float* hi = h + i * w;
+    const float* hi = h + (idx ? idx[i] : i) * w;
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) { self[c] = hi[c]; acc[c] = 0.f; }
     const int64_t e0 = rp[i], e1 = rp[i + 1];
     for (int64_t e = e0; e < e1; ++e) {
       if (e + kPrefetch < e1) {
-        const char* p = reinterpret_cast<const char*>(h + cp[e + kPrefetch] * w);
+        const int64_t ahead = cp[e + kPrefetch];
+        const char* p = reinterpret_cast<const char*>(h + (idx ? idx[ahead] : ahead) * w);
         for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(p + off);
       }
-      const float* row = h + cp[e] * w;
+      const float* row = h + (idx ? idx[cp[e]] : cp[e]) * w;
 #pragma omp simd
       for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
     }
@@ -67,12 +73,12 @@ void concat_mean_rows(int64_t r0, int64_t r1, int64_t d, const int64_t* rp, cons
 template <int D>
 GLREC_CLONES
 void concat_mean_backward_rows(int64_t j0, int64_t j1, int64_t d, int64_t n, const int64_t* rp, const int64_t* trp,
-                               const int64_t* tcp, const float* grad, float* gh) {
+                               const int64_t* tcp, const int64_t* dest, const float* grad, float* gh) {
   const int64_t w = D > 0 ? D : d;
   std::vector<float> buf(D > 0 ? 0 : d);
   float local[D > 0 ? D : 1];
   float* acc = D > 0 ? local : buf.data();
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {   // local order: t_col streams; the output row is dest[j]
     if (j < n) {
       const float* g = grad + j * 2 * w;
 #pragma omp simd
@@ -92,7 +98,7 @@ void concat_mean_backward_rows(int64_t j0, int64_t j1, int64_t d, int64_t n, con
 #pragma omp simd
       for (int64_t c = 0; c < w; ++c) acc[c] += s * g[c];
     }
-    float* o = gh + j * w;
+    float* o = gh + (dest ? dest[j] : j) * w;
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) o[c] = acc[c];
   }
@@ -116,28 +122,50 @@ void for_row_blocks(const int64_t* rp, int64_t rows, F body) {
 
 }  // namespace
 
+// Checks that t is a contiguous 1-d int64 CPU tensor of `len` entries, each in [0, bound); with
+// `permutation`, also that no entry repeats (then bound == len makes it a permutation of [0, len)).
+static void check_row_map(const char* op, const char* name, const at::Tensor& t, int64_t len, int64_t bound,
+                   bool permutation) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous(), op, ": ",
+              name, " must be a contiguous 1-d int64 CPU tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.numel() == len, op, ": ", name, " must have ", len, " entries, got ", t.numel());
+  const int64_t* p = t.data_ptr<int64_t>();
+  std::vector<bool> seen(permutation ? bound : 0, false);
+  for (int64_t k = 0; k < len; ++k) {
+    TORCH_CHECK(p[k] >= 0 && p[k] < bound, op, ": ", name, "[", k, "] = ", p[k], " is out of range [0, ", bound, ")");
+    if (permutation) {
+      TORCH_CHECK(!seen[p[k]], op, ": ", name, " must be a permutation; ", p[k], " appears twice");
+      seen[p[k]] = true;
+    }
+  }
+}
+
 at::Tensor block_mean_concat_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& t_rowptr,
-                                 const at::Tensor& t_col, const at::Tensor& h) {
+                                 const at::Tensor& t_col, const at::Tensor& h, const c10::optional<at::Tensor>& index) {
   constexpr const char* op = "glrec::block_mean_concat";
   check_float_matrix(op, "h", h);
-  const int64_t m = h.size(0), d = h.size(1), n = rowptr.numel() - 1;
-  TORCH_CHECK(n >= 0 && n <= m, op, ": rowptr must have between 1 and h.size(0) + 1 = ", m + 1, " entries, got ",
-              rowptr.numel());
+  const bool mapped = index.has_value() && index->defined();
+  if (mapped) check_row_map(op, "index", *index, index->numel(), h.size(0), false);
+  const int64_t m = mapped ? index->numel() : h.size(0), d = h.size(1), n = rowptr.numel() - 1;
+  TORCH_CHECK(n >= 0 && n <= m, op, ": rowptr must have between 1 and ", mapped ? "index.numel()" : "h.size(0)",
+              " + 1 = ", m + 1, " entries, got ", rowptr.numel());
   check_csr(op, "rowptr/col", rowptr, col, n, m);   // (t_rowptr, t_col): read by the backward, checked there
   at::Tensor out = at::empty({n, 2 * d}, h.options());
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const int64_t* cp = col.data_ptr<int64_t>();
+  const int64_t* ip = mapped ? index->data_ptr<int64_t>() : nullptr;
   const float* hp = h.data_ptr<float>();
   float* op_ = out.data_ptr<float>();
   for_row_blocks(rp, n, [&](int64_t r0, int64_t r1) {
-    if (d == 64) concat_mean_rows<64>(r0, r1, d, rp, cp, hp, op_);
-    else concat_mean_rows<0>(r0, r1, d, rp, cp, hp, op_);
+    if (d == 64) concat_mean_rows<64>(r0, r1, d, rp, cp, ip, hp, op_);
+    else concat_mean_rows<0>(r0, r1, d, rp, cp, ip, hp, op_);
   });
   return out;
 }
 
 at::Tensor block_mean_concat_backward_cpu(const at::Tensor& rowptr, const at::Tensor& t_rowptr,
-                                          const at::Tensor& t_col, const at::Tensor& grad) {
+                                          const at::Tensor& t_col, const at::Tensor& grad,
+                                          const c10::optional<at::Tensor>& order) {
   constexpr const char* op = "glrec::block_mean_concat_backward";
   check_float_matrix(op, "grad", grad);
   const int64_t n = rowptr.numel() - 1, m = t_rowptr.numel() - 1;
@@ -149,6 +177,14 @@ at::Tensor block_mean_concat_backward_cpu(const at::Tensor& rowptr, const at::Te
   TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.dim() == 1 && rowptr.is_contiguous() &&
                   rowptr.data_ptr<int64_t>()[0] == 0 && rowptr.data_ptr<int64_t>()[n] == t_col.numel(),
               op, ": rowptr must be contiguous int64 from 0 to the ", t_col.numel(), " edges of t_col");
+  const bool ordered = order.has_value() && order->defined();
+  std::vector<int64_t> dest(ordered ? m : 0);   // dest[order[s]] = s: where local row j's gradient goes
+  if (ordered) {
+    check_row_map(op, "order", *order, m, m, true);
+    const int64_t* ord = order->data_ptr<int64_t>();
+    for (int64_t s = 0; s < m; ++s) dest[ord[s]] = s;
+  }
+  const int64_t* dp = ordered ? dest.data() : nullptr;
   at::Tensor gh = at::empty({m, d}, grad.options());
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const int64_t* trp = t_rowptr.data_ptr<int64_t>();
@@ -156,8 +192,8 @@ at::Tensor block_mean_concat_backward_cpu(const at::Tensor& rowptr, const at::Te
   const float* gp = grad.data_ptr<float>();
   float* hp = gh.data_ptr<float>();
   for_row_blocks(trp, m, [&](int64_t j0, int64_t j1) {
-    if (d == 64) concat_mean_backward_rows<64>(j0, j1, d, n, rp, trp, tcp, gp, hp);
-    else concat_mean_backward_rows<0>(j0, j1, d, n, rp, trp, tcp, gp, hp);
+    if (d == 64) concat_mean_backward_rows<64>(j0, j1, d, n, rp, trp, tcp, dp, gp, hp);
+    else concat_mean_backward_rows<0>(j0, j1, d, n, rp, trp, tcp, dp, gp, hp);
   });
   return gh;
 }

@@ -53,13 +53,30 @@ class GraphSAGE(SampledTraining, Recommender):
         return torch.tanh(out) if t < self.num_layers - 1 else out
 
     # ------------------------------------------------------------------ training: sampled blocks
-    def block_embeddings(self, blocks: Blocks, h0: torch.Tensor | None = None) -> torch.Tensor:
-        """Final embeddings of the unique seeds (local-id order) computed on ``blocks``."""
-        h = self.block_rows(blocks) if h0 is None else h0
-        for t in range(self.num_layers):
+    def _first_input(self, blocks: Blocks, h0: torch.Tensor | None) -> torch.Tensor:
+        """Layer 0's input ``[h0_self | mean]``. Without ``h0`` and with row-sparse gradients it reads
+        the ID table itself (``ops.table_mean_concat``): no copy of the block's rows, and their
+        gradient written in the optimiser's row order."""
+        csr = blocks.mean_csr(self.num_layers - 1)
+        if h0 is None and self.row_sparse:
+            return ops.table_mean_concat(self.ego.weight, blocks.nodes, *blocks.sorted_nodes(), *csr)
+        return ops.block_mean_concat(self.block_rows(blocks) if h0 is None else h0, *csr)
+
+    def _layers(self, blocks: Blocks, x: torch.Tensor) -> torch.Tensor:
+        h = self._layer(0, x)
+        for t in range(1, self.num_layers):
             hop = self.num_layers - 1 - t  # layer t uses the edges of hops 0..hop
             h = self._layer(t, ops.block_mean_concat(h, *blocks.mean_csr(hop)))
         return h
+
+    def block_embeddings(self, blocks: Blocks, h0: torch.Tensor | None = None) -> torch.Tensor:
+        """Final embeddings of the unique seeds (local-id order) computed on ``blocks``."""
+        return self._layers(blocks, self._first_input(blocks, h0))
+
+    def block_forward(self, blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        # The seeds' ID rows are the self half of layer 0's first rows: no second read of the table.
+        x = self._first_input(blocks, None)
+        return self._layers(blocks, x), x[: blocks.sizes[0], : self.ego.embedding_dim]
 
     def row_tables(self):
         return [self.ego]
