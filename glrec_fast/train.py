@@ -481,12 +481,15 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
                 negs = negs[sl.start - lo:sl.stop - lo]
             return tuple(t.to(device, non_blocking=True) for t in (pairs[:, 0], pairs[:, 1], negs))
 
+        upcoming = batch(0) if n_batches else None
         for b in bar:
-            users, pos, neg = batch(b)
-            if hasattr(model, "prefetch") and b + 1 < n_batches:
-                # Sampled models (sampling.SampledTraining): the next batch's neighbourhood is drawn on a
-                # worker thread while this batch trains; its sample is the same as one drawn on the spot.
-                model.prefetch(*batch(b + 1))
+            users, pos, neg = upcoming
+            if b + 1 < n_batches:
+                upcoming = batch(b + 1)   # built once: its BPR negatives are a search of every training key
+                if hasattr(model, "prefetch"):
+                    # Sampled models (sampling.SampledTraining): the next batch's neighbourhood is drawn on
+                    # a worker thread while this batch trains; its sample is the same as one drawn on the spot.
+                    model.prefetch(*upcoming)
             if softmax:
                 loss, parts = step_fn("softmax_loss", users, pos, neg, cfg["temperature"], cfg["reg_weight"])
             else:
