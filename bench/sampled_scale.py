@@ -11,7 +11,9 @@ the model, sampling and the full-ranking evaluation.
 ``--step_bench N`` trains no epoch: it times N GraphSAGE BPR steps (sampling prefetched one batch
 ahead, forward, backward, RowAdam) on the same batches for each way of forming a layer's input
 ``[h_self | mean of sampled neighbours]``, interleaved step by step in this one process (this
-machine drifts): the library's compiled kernel (``ops.block_mean_concat``), the sparse product with
+machine drifts): the library (layer 0 read off the ID table by ``ops.table_mean_concat``, the next
+layer by ``ops.block_mean_concat``) and, each on a gathered copy of the block's ID rows, the same
+compiled kernel (the library before commit 3d9f2c8), the sparse product with
 a prebuilt transposed backward plus a slice and a cat (``sampling.aggregate``, the library until
 this kernel), ``torch.sparse.mm`` with torch's own autograd (the strong plain-PyTorch form), and
 the gather + ``index_add_`` of ``reference.block_mean_concat`` (the library until commit ae066ba).
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import statistics
 
@@ -59,10 +62,25 @@ def _gather(h, *csr):
     return reference.block_mean_concat(*csr, h)
 
 
-PROVIDERS = {"library (compiled block_mean_concat)": ops.block_mean_concat,
+LIBRARY = "library (layer 0 off the table: table_mean_concat; then block_mean_concat)"
+# Every form but the library's builds layer 0 from a gathered copy of the block's ID rows.
+PROVIDERS = {LIBRARY: ops.block_mean_concat,
+             "compiled block_mean_concat on a gathered copy of the ID rows (the library before 3d9f2c8)":
+                 ops.block_mean_concat,
              "sparse product, prebuilt transposed backward, slice + cat": _sparse_product,
              "torch.sparse.mm, torch autograd, slice + cat": _torch_sparse,
              "gather + index_add_ (the form before ae066ba)": _gather}
+
+
+def _on_gathered_rows(model):
+    """``model`` with layer 0's input built by ``ops.block_mean_concat`` (whichever form is swapped in)
+    from ``model.block_rows``, a gathered copy of the block's ID rows, instead of off the table."""
+    def first_input(self, blocks, h0):
+        return ops.block_mean_concat(self.block_rows(blocks) if h0 is None else h0,
+                                     *blocks.mean_csr(self.num_layers - 1))
+    model._first_input = types.MethodType(first_input, model)
+    model.block_forward = types.MethodType(sampling.SampledTraining.block_forward, model)
+    return model
 
 
 def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
@@ -87,6 +105,8 @@ def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
     for name in PROVIDERS:
         torch.manual_seed(0)
         model = train.build_model(cfg, ds, graph, torch.device("cpu"))
+        if name != LIBRARY:
+            _on_gathered_rows(model)
         runs[name] = (model, train._optimizer(model, cfg), [])
     batches = [batch(j) for j in range(warmup + steps + 1)]
     for j in range(warmup + steps):
@@ -101,7 +121,7 @@ def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
             opt.step()
             if j >= warmup:
                 times.append(time.perf_counter() - t)
-    ops.block_mean_concat = PROVIDERS["library (compiled block_mean_concat)"]
+    ops.block_mean_concat = PROVIDERS[LIBRARY]
     out = {"build_s": build_s, "batch_size": bs, "steps": steps, "providers": {}}
     base = statistics.median(runs[next(iter(PROVIDERS))][2])
     for name, (_, _, times) in runs.items():

@@ -29,8 +29,8 @@ SCHEMAS = {
     "neighbor_sample": ("neighbor_sample(Tensor rowptr, Tensor col, Tensor seeds, int[] fanouts, bool replace=False, "
                         "int seed=0) -> (Tensor[] nodes, Tensor[] rows, Tensor[] cols, Tensor[] edge_ids)"),
     # [h[:n] | mean of each block row's sampled neighbours]; t_rowptr/t_col (the transposed CSR) serve
-    # the backward. index: local row j is h[index[j]] (h the ID table); order: the backward's output row
-    # s is local row order[s].
+    # the backward. index: the table row of each local row (h the ID table, col then in table rows);
+    # order: the backward's output row s is local row order[s]'s gradient.
     "block_mean_concat": ("block_mean_concat(Tensor rowptr, Tensor col, Tensor t_rowptr, Tensor t_col, Tensor h, "
                           "Tensor? index=None) -> Tensor"),
     "csr_transpose": "csr_transpose(Tensor rowptr, Tensor col, int num_cols) -> (Tensor, Tensor, Tensor)",
@@ -342,10 +342,10 @@ def table_rows(weight: torch.Tensor, nodes: torch.Tensor, order: torch.Tensor, s
 
 class _TableMeanConcat(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, nodes, order, sorted_ids, rowptr, col, t_rowptr, t_col):
+    def forward(ctx, weight, nodes, order, sorted_ids, rowptr, table_col, t_rowptr, t_col):
         ctx.save_for_backward(rowptr, t_rowptr, t_col, order, sorted_ids)
         ctx.shape = weight.shape
-        return torch.ops.glrec.block_mean_concat(rowptr, col, t_rowptr, t_col, weight, nodes)
+        return torch.ops.glrec.block_mean_concat(rowptr, table_col, t_rowptr, t_col, weight, nodes)
 
     @staticmethod
     def backward(ctx, grad):
@@ -356,21 +356,25 @@ class _TableMeanConcat(torch.autograd.Function):
 
 
 def table_mean_concat(weight: torch.Tensor, nodes: torch.Tensor, order: torch.Tensor, sorted_ids: torch.Tensor,
-                      rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor) -> torch.Tensor:
+                      rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor,
+                      table_col: torch.Tensor | None = None) -> torch.Tensor:
     """``block_mean_concat(table_rows(weight, nodes, order, sorted_ids), rowptr, col, t_rowptr, t_col)``
     with the ID rows read straight off the table: the first layer of a sampled GraphSAGE without the
     ``[m, d]`` copy of the block's rows, and the row-sparse gradient written in its sorted row order
     without a reordering pass (at 20M interactions, batch 8,192: ~300k rows each way per step).
     ``nodes`` are the block's unique global ids (its local rows), ``order``/``sorted_ids`` as
-    :func:`table_rows` takes them. The compiled CPU kernel serves float32; elsewhere, the same
-    product of :func:`table_rows` and :func:`block_mean_concat`."""
+    :func:`table_rows` takes them; ``table_col`` is ``nodes[col]`` (``Blocks.table_cols``, built on the
+    sampler's thread; computed here when None). The compiled CPU kernel serves float32; elsewhere,
+    the same product of :func:`table_rows` and :func:`block_mean_concat`."""
     _check_float("weight", weight, 2)
     if t_rowptr.numel() != nodes.numel() + 1:
         raise ValueError(f"t_rowptr: expected nodes.numel() + 1 = {nodes.numel() + 1} entries, got {t_rowptr.numel()}")
     if (_backend.backend() == "reference" or weight.dtype != torch.float32
             or KERNELS["block_mean_concat"].get(weight.device.type.upper()) != "C++ (_C)"):
         return block_mean_concat(table_rows(weight, nodes, order, sorted_ids), rowptr, col, t_rowptr, t_col)
-    return _TableMeanConcat.apply(weight, nodes, order, sorted_ids, rowptr, col, t_rowptr, t_col)
+    if table_col is None:
+        table_col = nodes[col]
+    return _TableMeanConcat.apply(weight, nodes, order, sorted_ids, rowptr, table_col, t_rowptr, t_col)
 
 
 def csr_transpose(rowptr: torch.Tensor, col: torch.Tensor, num_cols: int):

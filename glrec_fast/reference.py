@@ -164,9 +164,14 @@ def block_mean_concat(rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.T
     """``[h[:n] | mean over each row's sampled neighbours]`` (``[n, 2d]``, ``n = rowptr.numel() - 1``),
     the input of a GraphSAGE mean-aggregator layer: a slice, a gather-sum and a cat, differentiable
     by torch's autograd. ``t_rowptr, t_col`` (the transposed CSR) are the compiled backward's.
-    ``index``: the block's rows are ``h[index]`` (``h`` the ID table)."""
+    With ``index`` (the table row of each of the block's local rows), ``h`` is the ID table and
+    ``col`` names each edge's neighbour by its table row."""
     if index is not None:
-        h = h[index]
+        n = rowptr.numel() - 1
+        counts = rowptr[1:] - rowptr[:-1]
+        rows = torch.repeat_interleave(torch.arange(n, device=h.device), counts)
+        inv = 1.0 / counts.clamp(min=1).to(h.dtype)
+        return torch.cat([h[index[:n]], block_aggregate(h, rows, col, inv[rows], n)], 1)
     n = rowptr.numel() - 1
     counts = rowptr[1:] - rowptr[:-1]
     rows = torch.repeat_interleave(torch.arange(n, device=h.device), counts)

@@ -131,6 +131,14 @@ class Blocks:
             at = torch.sparse_csr_tensor(t_rowptr, t_cols, t_values, (m, n), check_invariants=False)
         return a, at
 
+    def table_cols(self, hop: int) -> torch.Tensor:
+        """``nodes[edges_upto(hop)[1]]``: each edge's neighbour by its global id (a table row), what
+        ``ops.table_mean_concat`` reads (GraphSAGE's first layer; its sampler builds it on the worker)."""
+        key = ("table_cols", hop)
+        if key not in self._cache:
+            self._cache[key] = self.nodes[self.edges_upto(hop)[1]]
+        return self._cache[key]
+
     def sorted_nodes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(order, nodes[order])`` with the global ids ascending (a coalesced gradient's layout)."""
         if "sorted" not in self._cache:

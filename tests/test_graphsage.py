@@ -129,6 +129,8 @@ def test_table_mean_concat_reads_the_table_and_writes_sorted_rows(graph, dim):
     table = torch.randn(graph.num_nodes, dim, requires_grad=True)
     got = ops.table_mean_concat(table, b.nodes, order, ids, *csr)
     assert type(got.grad_fn).__name__ == "_TableMeanConcatBackward"   # the compiled path, not the fallback
+    torch.testing.assert_close(ops.table_mean_concat(table, b.nodes, order, ids, *csr, table_col=b.table_cols(1)), got,
+                               rtol=0, atol=0)
     t64 = table.detach().double().requires_grad_()
     want = reference.block_mean_concat(*csr, t64[b.nodes])
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
@@ -137,13 +139,15 @@ def test_table_mean_concat_reads_the_table_and_writes_sorted_rows(graph, dim):
     (wt,) = torch.autograd.grad(want, t64, g.double())
     assert gt.is_sparse and gt.is_coalesced() and torch.equal(gt._indices()[0], ids)
     torch.testing.assert_close(gt.to_dense().double(), wt, rtol=1e-6, atol=1e-6)
-    # The op's reference kernels (CUDA, GLREC_BACKEND=reference) take the same row maps.
-    torch.testing.assert_close(reference.block_mean_concat(*csr, t64.detach(), b.nodes), want.detach())
+    # The op's reference kernels (CUDA, GLREC_BACKEND=reference) take the same row maps (col by table row).
+    table_csr = (csr[0], b.table_cols(1), csr[2], csr[3])
+    assert torch.equal(table_csr[1], b.nodes[csr[1]])
+    torch.testing.assert_close(reference.block_mean_concat(*table_csr, t64.detach(), b.nodes), want.detach())
     torch.testing.assert_close(reference.block_mean_concat_backward(csr[0], csr[2], csr[3], g.double(), order),
                                wt[ids])
     # Through the op's registered autograd, index gives h's dense gradient.
     h = table.detach().clone().requires_grad_()
-    (gh,) = torch.autograd.grad(torch.ops.glrec.block_mean_concat(*csr, h, b.nodes), h, g)
+    (gh,) = torch.autograd.grad(torch.ops.glrec.block_mean_concat(*table_csr, h, b.nodes), h, g)
     torch.testing.assert_close(gh.double(), wt, rtol=1e-6, atol=1e-6)
 
 

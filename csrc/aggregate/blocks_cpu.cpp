@@ -14,9 +14,11 @@
 // float32 only (ops.block_mean_concat sends anything else to reference.block_mean_concat).
 //
 // Optional row maps, for a first layer that reads the ID table itself (ops.table_mean_concat):
-// `index` makes local row j the table row h[index[j]] (m = index.numel(), so no [m, d] copy of the
-// block's ID rows is made), and the backward's `order` writes output row s as the gradient of local
-// row order[s] (the optimiser's sorted row order, so no reordering pass over [m, d] either).
+// with `index` (the table row of each of the block's m local rows), h is the table, `col` lists each
+// edge's neighbour by its table row (index[local column], so the kernel reads no index per edge) and
+// the self half is h[index[i]]: no [m, d] copy of the block's ID rows is made. The backward's `order`
+// writes the gradient of local row order[s] as output row s (the optimiser's sorted row order, so no
+// reordering pass over [m, d] either).
 //
 // glrec::csr_transpose: the transposed CSR of a block (t_rowptr, t_col = the row of each edge listed by
 // column) and `order` (the edges' positions in that listing: argsort(col, stable=True)) by one
@@ -55,11 +57,10 @@ void concat_mean_rows(int64_t r0, int64_t r1, int64_t d, const int64_t* rp, cons
     const int64_t e0 = rp[i], e1 = rp[i + 1];
     for (int64_t e = e0; e < e1; ++e) {
       if (e + kPrefetch < e1) {
-        const int64_t ahead = cp[e + kPrefetch];
-        const char* p = reinterpret_cast<const char*>(h + (idx ? idx[ahead] : ahead) * w);
+        const char* p = reinterpret_cast<const char*>(h + cp[e + kPrefetch] * w);
         for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(p + off);
       }
-      const float* row = h + (idx ? idx[cp[e]] : cp[e]) * w;
+      const float* row = h + cp[e] * w;
 #pragma omp simd
       for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
     }
@@ -149,7 +150,8 @@ at::Tensor block_mean_concat_cpu(const at::Tensor& rowptr, const at::Tensor& col
   const int64_t m = mapped ? index->numel() : h.size(0), d = h.size(1), n = rowptr.numel() - 1;
   TORCH_CHECK(n >= 0 && n <= m, op, ": rowptr must have between 1 and ", mapped ? "index.numel()" : "h.size(0)",
               " + 1 = ", m + 1, " entries, got ", rowptr.numel());
-  check_csr(op, "rowptr/col", rowptr, col, n, m);   // (t_rowptr, t_col): read by the backward, checked there
+  const int64_t col_bound = mapped ? h.size(0) : m;   // mapped: col holds table rows
+  check_csr(op, "rowptr/col", rowptr, col, n, col_bound);   // (t_rowptr, t_col): read by the backward, checked there
   at::Tensor out = at::empty({n, 2 * d}, h.options());
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const int64_t* cp = col.data_ptr<int64_t>();

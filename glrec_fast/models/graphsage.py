@@ -57,10 +57,17 @@ class GraphSAGE(SampledTraining, Recommender):
         """Layer 0's input ``[h0_self | mean]``. Without ``h0`` and with row-sparse gradients it reads
         the ID table itself (``ops.table_mean_concat``): no copy of the block's rows, and their
         gradient written in the optimiser's row order."""
-        csr = blocks.mean_csr(self.num_layers - 1)
+        hop = self.num_layers - 1
+        csr = blocks.mean_csr(hop)
         if h0 is None and self.row_sparse:
-            return ops.table_mean_concat(self.ego.weight, blocks.nodes, *blocks.sorted_nodes(), *csr)
+            return ops.table_mean_concat(self.ego.weight, blocks.nodes, *blocks.sorted_nodes(), *csr,
+                                         table_col=blocks.table_cols(hop))
         return ops.block_mean_concat(self.block_rows(blocks) if h0 is None else h0, *csr)
+
+    def sample(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Blocks:
+        blocks = super().sample(users, pos, neg)
+        blocks.table_cols(self.num_layers - 1)   # on the sampler's thread when prefetched
+        return blocks
 
     def _layers(self, blocks: Blocks, x: torch.Tensor) -> torch.Tensor:
         h = self._layer(0, x)
