@@ -66,7 +66,8 @@ class GraphSAGE(SampledTraining, Recommender):
 
     def sample(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Blocks:
         blocks = super().sample(users, pos, neg)
-        blocks.table_cols(self.num_layers - 1)   # on the sampler's thread when prefetched
+        if self.row_sparse:   # what _first_input reads off the table; on the sampler's thread when prefetched
+            blocks.table_cols(self.num_layers - 1)
         return blocks
 
     def _layers(self, blocks: Blocks, x: torch.Tensor) -> torch.Tensor:
