@@ -3,6 +3,8 @@
     python bench/sampled_step_time.py --synthetic_interactions 20000000 --steps 12
     PYTHONPATH=/path/to/older/checkout python bench/sampled_step_time.py ...   # the same at another commit
 
+Minor page faults and system time per step are the whole process's (``getrusage``).
+
 One step is what the training loop does: the batch's pairs and BPR negatives, the next batch's
 neighbourhood submitted to the sampler's worker thread, the loss, backward and the optimiser step
 (``train.build_model`` and ``train._optimizer``: RowAdam with row-sparse tables). Only interfaces
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -28,6 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch_size", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no_prefetch", action="store_true", help="sample each batch on the training thread")
+    ap.add_argument("--system_malloc", action="store_true",
+                    help="leave glibc malloc's settings alone (training keeps freed memory, glrec_fast.allocator)")
     a = ap.parse_args(argv)
     n, bs = a.synthetic_interactions, a.batch_size
     cfg = config.resolve([], overrides=dict(
@@ -36,6 +42,14 @@ def main(argv=None) -> int:
         batch_size=bs, grokking=False, out="unused"))
     cfg = getattr(train, "resolve_lr", lambda c: c)(cfg)   # lr: null resolves per model (older commits: a number)
     torch.set_num_threads(int(cfg["num_threads"] or torch.get_num_threads()))
+    if not a.system_malloc:
+        try:   # what train() does first (older commits have no such module)
+            from glrec_fast import allocator
+            malloc = allocator.keep_freed_memory()
+        except ImportError:
+            malloc = "not in this commit"
+    else:
+        malloc = "system"
     ds = train.load_data(cfg)
     graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
     model = train.build_model(cfg, ds, graph, torch.device("cpu"))
@@ -48,20 +62,26 @@ def main(argv=None) -> int:
         p = pairs[perm[j * bs:(j + 1) * bs]]
         return p[:, 0], p[:, 1], train.sample_negatives(p[:, 0], ds.num_items, keys, torch.Generator().manual_seed(j))
 
-    times = []
+    times, faults, sys_s = [], [], []
     for j in range(a.warmup + a.steps):
-        t = time.perf_counter()
+        t, ru = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         users, pos, neg = batch(j)
-        model.prefetch(*batch(j + 1))
+        if not a.no_prefetch:
+            model.prefetch(*batch(j + 1))
         loss, _ = model.loss(users, pos, neg, cfg["reg_weight"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if j >= a.warmup:
             times.append(time.perf_counter() - t)
+            ru2 = resource.getrusage(resource.RUSAGE_SELF)   # the whole process: the sampler's thread too
+            faults.append(ru2.ru_minflt - ru.ru_minflt)
+            sys_s.append(ru2.ru_stime - ru.ru_stime)
     med = statistics.median(times)
     print(json.dumps({"synthetic_interactions": n, "batch_size": bs, "steps": a.steps, "median_step_s": med,
-                      "triples_per_s": bs / med, "torch": torch.__version__}))
+                      "triples_per_s": bs / med, "median_minor_faults_per_step": statistics.median(faults),
+                      "median_system_s_per_step": statistics.median(sys_s),
+                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "malloc": malloc, "torch": torch.__version__}))
     return 0
 
 

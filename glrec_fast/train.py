@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from . import checkpoint, config, distributed, metrics
+from . import allocator, checkpoint, config, distributed, metrics
 from .graph import BipartiteGraph
 
 log = logging.getLogger("glrec_fast.train")
@@ -357,6 +357,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
     main_rank = ctx.is_main
     save = checkpoint.save if main_rank else (lambda obj, path: None)   # rank 0 writes every file
     _setup_logging(out, ctx)
+    allocator.keep_freed_memory()   # before the data build: its temporaries are reused too
     cfg = resolve_lr(cfg)
     if ctx.active:
         log.info("distributed: %d ranks, backend %s, this rank on %s; global batch %d = %d ranks x ~%d",

@@ -26,6 +26,7 @@ def test_outputs_and_metric_keys(lightgcn_run):
     out = lightgcn_run
     for f in ("metrics.json", "config.yaml", "best.pt", "data.pt", "last.pt", "train.log"):
         assert (out / f).is_file(), f
+    assert "malloc: " in (out / "train.log").read_text()   # glrec_fast.allocator ran and said what it did
     m = json.loads((out / "metrics.json").read_text())
     for split in ("valid", "test"):
         for key in ("recall@20", "ndcg@20", "ndcg@20/warm", "ndcg@20/head", "ndcg@20/tail", "precision@10",
