@@ -26,7 +26,10 @@ import sys
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4      # glibc's <malloc.h>
-TRIM_THRESHOLD = 1 << 30                  # free heap kept for reuse: above one step's temporaries at 50M (~650 MB)
+# Free heap kept for reuse: above a 50M step's temporaries (~650 MB) and twice evaluation's 1 GiB
+# score tile (train.EVAL_TILE_BYTES): at 1 GiB, a tile and its top-k's temporaries were still handed
+# back and faulted in again (bench/eval_page_faults.py, bench/RESULTS.md).
+TRIM_THRESHOLD = 2 << 30
 
 _state: dict[str, str] = {}
 
@@ -52,25 +55,11 @@ def _chosen_outside() -> str | None:
 
 
 def keep_freed_memory() -> str:
-    """Apply the settings above once per process; returns what was done (``"kept"`` or the reason not)."""
-    if "result" in _state:
-        return _state["result"]
-    if not sys.platform.startswith("linux"):
-        result = f"not applied: {sys.platform} (glibc only)"
-    elif (why := _chosen_outside()) is not None:
-        result = f"not applied: {why}; the process's own allocator settings stand"
-    else:
-        try:
-            mallopt = ctypes.CDLL(None).mallopt
-        except (OSError, AttributeError):
-            mallopt = None
-        if mallopt is None:
-            result = "not applied: this libc has no mallopt (not glibc)"
-        elif mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
-            result = "not applied: mallopt refused the settings"
-        else:
-            result = "kept"
-    _state["result"] = result
+    """Apply the settings above (once per process) and log what was done; returns ``"kept"`` or
+    the reason they were not applied. Each training run calls it, so each run's log says it."""
+    if "result" not in _state:
+        _state["result"] = _apply()
+    result = _state["result"]
     if result == "kept":
         log.info("malloc: large blocks from the heap and up to %d MiB of freed heap kept for reuse (M_MMAP_MAX=0, "
                  "M_TRIM_THRESHOLD); every step would otherwise fault its temporaries in again",
@@ -78,3 +67,17 @@ def keep_freed_memory() -> str:
     else:
         log.info("malloc: %s", result)
     return result
+
+
+def _apply() -> str:
+    if not sys.platform.startswith("linux"):
+        return f"not applied: {sys.platform} (glibc only)"
+    if (why := _chosen_outside()) is not None:
+        return f"not applied: {why}; the process's own allocator settings stand"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "not applied: this libc has no mallopt (not glibc)"
+    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+        return "not applied: mallopt refused the settings"
+    return "kept"
