@@ -3,7 +3,9 @@
     python bench/sampled_step_time.py --synthetic_interactions 20000000 --steps 12
     PYTHONPATH=/path/to/older/checkout python bench/sampled_step_time.py ...   # the same at another commit
 
-Minor page faults and system time per step are the whole process's (``getrusage``).
+Minor page faults and system time per step are the whole process's (``getrusage``). The bench
+first does what training does (``glrec_fast.allocator.keep_freed_memory``); ``--system_malloc``
+leaves glibc as configured, ``--no_prefetch`` samples each batch on the training thread.
 
 One step is what the training loop does: the batch's pairs and BPR negatives, the next batch's
 neighbourhood submitted to the sampler's worker thread, the loss, backward and the optimiser step
