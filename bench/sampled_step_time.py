@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -45,11 +46,12 @@ def main(argv=None) -> int:
     cfg = getattr(train, "resolve_lr", lambda c: c)(cfg)   # lr: null resolves per model (older commits: a number)
     torch.set_num_threads(int(cfg["num_threads"] or torch.get_num_threads()))
     if not a.system_malloc:
-        try:   # what train() does first (older commits have no such module)
-            from glrec_fast import allocator
-            malloc = allocator.keep_freed_memory()
+        try:   # what train() does first; older commits have no such module (an editable install of a
+            from glrec_fast import allocator   # newer checkout can still supply it: not this commit's code)
+            mine = os.path.dirname(allocator.__file__) == os.path.dirname(train.__file__)
         except ImportError:
-            malloc = "not in this commit"
+            mine = False
+        malloc = allocator.keep_freed_memory() if mine else "not in this commit"
     else:
         malloc = "system"
     ds = train.load_data(cfg)
