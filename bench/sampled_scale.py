@@ -16,7 +16,9 @@ layer by ``ops.block_mean_concat``) and, each on a gathered copy of the block's 
 compiled kernel (the library before commit 3d9f2c8), the sparse product with
 a prebuilt transposed backward plus a slice and a cat (``sampling.aggregate``, the library until
 this kernel), ``torch.sparse.mm`` with torch's own autograd (the strong plain-PyTorch form), and
-the gather + ``index_add_`` of ``reference.block_mean_concat`` (the library until commit ae066ba).
+the gather + ``index_add_`` of ``reference.block_mean_concat`` (the library until commit ae066ba),
+and the library with its layers in bfloat16 (``--propagate_dtype bfloat16``). The process first
+keeps freed heap memory, as training does (``glrec_fast.allocator``).
 The sparse forms build their per-edge mean values (``1 / row count``) in the step.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ import statistics
 
 import torch
 
-from glrec_fast import config, ops, reference, sampling, train
+from glrec_fast import allocator, config, ops, reference, sampling, train
 from glrec_fast.graph import BipartiteGraph
 
 
@@ -48,23 +50,33 @@ def _mean_matrices(rowptr, col, t_rowptr, t_col, h):
     return n, a, torch.sparse_csr_tensor(t_rowptr, t_col, inv[t_col], (m, n))
 
 
-def _sparse_product(h, *csr):
+def _float32_only(out_dtype):
+    if out_dtype not in (None, torch.float32):
+        raise ValueError(f"this provider computes in float32, not {out_dtype}")
+
+
+def _sparse_product(h, *csr, out_dtype=None):
+    _float32_only(out_dtype)
     n, a, at = _mean_matrices(*csr, h)
     return torch.cat([h[:n], sampling.aggregate(h, a, at)], 1)
 
 
-def _torch_sparse(h, *csr):
+def _torch_sparse(h, *csr, out_dtype=None):
+    _float32_only(out_dtype)
     n, a, _ = _mean_matrices(*csr, h)
     return torch.cat([h[:n], torch.sparse.mm(a, h)], 1)   # torch's autograd for the dense operand
 
 
-def _gather(h, *csr):
+def _gather(h, *csr, out_dtype=None):
+    _float32_only(out_dtype)
     return reference.block_mean_concat(*csr, h)
 
 
 LIBRARY = "library (layer 0 off the table: table_mean_concat; then block_mean_concat)"
+BF16 = "library, bfloat16 layers (--propagate_dtype bfloat16)"
 # Every form but the library's builds layer 0 from a gathered copy of the block's ID rows.
 PROVIDERS = {LIBRARY: ops.block_mean_concat,
+             BF16: ops.block_mean_concat,
              "compiled block_mean_concat on a gathered copy of the ID rows (the library before 3d9f2c8)":
                  ops.block_mean_concat,
              "sparse product, prebuilt transposed backward, slice + cat": _sparse_product,
@@ -87,6 +99,7 @@ def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
     """Median GraphSAGE step time per aggregation provider, interleaved step by step."""
     cfg = config.resolve([], overrides={**over, "out": os.devnull})
     torch.set_num_threads(int(cfg["num_threads"] or torch.get_num_threads()))
+    allocator.keep_freed_memory()   # what training does first
     t0 = time.time()
     ds = train.load_data(cfg)
     graph = BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
@@ -104,8 +117,9 @@ def step_bench(over: dict, steps: int, warmup: int = 2) -> dict:
     runs = {}
     for name in PROVIDERS:
         torch.manual_seed(0)
-        model = train.build_model(cfg, ds, graph, torch.device("cpu"))
-        if name != LIBRARY:
+        model = train.build_model({**cfg, "propagate_dtype": "bfloat16" if name == BF16 else "float32"},
+                                  ds, graph, torch.device("cpu"))
+        if name not in (LIBRARY, BF16):
             _on_gathered_rows(model)
         runs[name] = (model, train._optimizer(model, cfg), [])
     batches = [batch(j) for j in range(warmup + steps + 1)]

@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no_prefetch", action="store_true", help="sample each batch on the training thread")
+    ap.add_argument("--propagate_dtype", default=None, choices=["float32", "bfloat16"],
+                    help="GraphSAGE's layer dtype (unset: the commit's default; older commits have no such key)")
     ap.add_argument("--system_malloc", action="store_true",
                     help="leave glibc malloc's settings alone (training keeps freed memory, glrec_fast.allocator)")
     a = ap.parse_args(argv)
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
     cfg = config.resolve([], overrides=dict(
         dataset="synthetic", synthetic_interactions=n, synthetic_users=max(2000, n // 100),
         synthetic_items=max(1000, n // 200), model="graphsage", sampled=True, fanouts=[10, 10], num_layers=2,
-        batch_size=bs, grokking=False, out="unused"))
+        batch_size=bs, grokking=False, out="unused",
+        **({"propagate_dtype": a.propagate_dtype} if a.propagate_dtype else {})))
     cfg = getattr(train, "resolve_lr", lambda c: c)(cfg)   # lr: null resolves per model (older commits: a number)
     torch.set_num_threads(int(cfg["num_threads"] or torch.get_num_threads()))
     if not a.system_malloc:
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
     print(json.dumps({"synthetic_interactions": n, "batch_size": bs, "steps": a.steps, "median_step_s": med,
                       "triples_per_s": bs / med, "median_minor_faults_per_step": statistics.median(faults),
                       "median_system_s_per_step": statistics.median(sys_s),
-                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "malloc": malloc, "torch": torch.__version__}))
+                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "malloc": malloc, "torch": torch.__version__,
+                      "propagate_dtype": cfg.get("propagate_dtype")}))
     return 0
 
 

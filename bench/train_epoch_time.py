@@ -43,12 +43,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--synthetic_interactions", type=int, default=20_000_000)
     ap.add_argument("--batch_size", type=int, default=8192)
+    ap.add_argument("--propagate_dtype", default=None, choices=["float32", "bfloat16"],
+                    help="GraphSAGE's layer dtype (unset: the commit's default; older commits have no such key)")
     ap.add_argument("--json", default=None, help="also write the result here")
     a = ap.parse_args(argv)
     n = a.synthetic_interactions
     over = dict(dataset="synthetic", synthetic_interactions=n, synthetic_users=max(2000, n // 100),
                 synthetic_items=max(1000, n // 200), model="graphsage", sampled=True, fanouts=[10, 10],
-                epochs=1, eval_every=1, batch_size=a.batch_size, lr=0.005, grokking=False, patience=0)
+                epochs=1, eval_every=1, batch_size=a.batch_size, lr=0.005, grokking=False, patience=0,
+                **({"propagate_dtype": a.propagate_dtype} if a.propagate_dtype else {}))
     marks = {}
     build = train.build_model
 

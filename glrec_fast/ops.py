@@ -30,12 +30,13 @@ SCHEMAS = {
                         "int seed=0) -> (Tensor[] nodes, Tensor[] rows, Tensor[] cols, Tensor[] edge_ids)"),
     # [h[:n] | mean of each block row's sampled neighbours]; t_rowptr/t_col (the transposed CSR) serve
     # the backward. index: the table row of each local row (h the ID table, col then in table rows);
-    # order: the backward's output row s is local row order[s]'s gradient.
+    # order: the backward's output row s is local row order[s]'s gradient. out_dtype: the result's
+    # dtype (float32 or bfloat16; default h's or grad's), sums in float32 either way.
     "block_mean_concat": ("block_mean_concat(Tensor rowptr, Tensor col, Tensor t_rowptr, Tensor t_col, Tensor h, "
-                          "Tensor? index=None) -> Tensor"),
+                          "Tensor? index=None, ScalarType? out_dtype=None) -> Tensor"),
     "csr_transpose": "csr_transpose(Tensor rowptr, Tensor col, int num_cols) -> (Tensor, Tensor, Tensor)",
     "block_mean_concat_backward": ("block_mean_concat_backward(Tensor rowptr, Tensor t_rowptr, Tensor t_col, "
-                                   "Tensor grad, Tensor? order=None) -> Tensor"),
+                                   "Tensor grad, Tensor? order=None, ScalarType? out_dtype=None) -> Tensor"),
     # Rows of pattern(R[rows]) T R with the output's columns permuted (a graph filter's r P~).
     "gram_rows": ("gram_rows(Tensor rowptr, Tensor col, Tensor val, Tensor t_rowptr, Tensor t_col, Tensor t_val, "
                   "Tensor rows, Tensor out_index) -> Tensor"),
@@ -146,8 +147,8 @@ torch.library.register_fake("glrec::grokking_observe")(_ref_grokking_observe_ker
 
 
 @torch.library.register_fake("glrec::block_mean_concat")
-def _fake_block_mean_concat(rowptr, col, t_rowptr, t_col, h, index=None):
-    return h.new_empty((rowptr.size(0) - 1, 2 * h.size(1)))
+def _fake_block_mean_concat(rowptr, col, t_rowptr, t_col, h, index=None, out_dtype=None):
+    return h.new_empty((rowptr.size(0) - 1, 2 * h.size(1)), dtype=out_dtype or h.dtype)
 
 
 @torch.library.register_fake("glrec::csr_transpose")
@@ -166,8 +167,8 @@ def _fake_topk_rows(x, k):
 
 
 @torch.library.register_fake("glrec::block_mean_concat_backward")
-def _fake_block_mean_concat_backward(rowptr, t_rowptr, t_col, grad, order=None):
-    return grad.new_empty((t_rowptr.size(0) - 1, grad.size(1) // 2))
+def _fake_block_mean_concat_backward(rowptr, t_rowptr, t_col, grad, order=None, out_dtype=None):
+    return grad.new_empty((t_rowptr.size(0) - 1, grad.size(1) // 2), dtype=out_dtype or grad.dtype)
 
 
 @torch.library.register_fake("glrec::gated_fusion_backward")
@@ -209,17 +210,17 @@ torch.library.register_autograd("glrec::gated_fusion", _fusion_backward, setup_c
 
 
 def _block_mean_setup(ctx, inputs, output):
-    rowptr, _col, t_rowptr, t_col, h, index = inputs
+    rowptr, _col, t_rowptr, t_col, h, index, _out_dtype = inputs
     ctx.save_for_backward(rowptr, t_rowptr, t_col, index)
-    ctx.h_rows = h.size(0)
+    ctx.h_rows, ctx.h_dtype = h.size(0), h.dtype
 
 
 def _block_mean_backward(ctx, grad):
     rowptr, t_rowptr, t_col, index = ctx.saved_tensors
-    gh = torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, t_col, grad.contiguous())
+    gh = torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, t_col, grad.contiguous(), out_dtype=ctx.h_dtype)
     if index is not None:   # local rows are h[index]: their gradients add up in h's rows
         gh = gh.new_zeros((ctx.h_rows, gh.size(1))).index_add_(0, index, gh)
-    return None, None, None, None, gh, None
+    return None, None, None, None, gh, None, None
 
 
 torch.library.register_autograd("glrec::block_mean_concat", _block_mean_backward, setup_context=_block_mean_setup)
@@ -298,22 +299,30 @@ def gated_fusion(e_graph, e_text, context, gate_weight, gate_bias) -> torch.Tens
                                         gate_weight.contiguous(), gate_bias.contiguous())
 
 
+def _check_out_dtype(out_dtype):
+    if out_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype: expected None, torch.float32 or torch.bfloat16, got {out_dtype!r}")
+
+
 def block_mean_concat(h: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.Tensor,
-                      t_col: torch.Tensor) -> torch.Tensor:
+                      t_col: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[h[:n] | mean_{e in row i} h[col[e]]]`` for the ``n = rowptr.numel() - 1`` rows of a block's CSR
     (``rowptr, col``: ``[n, m]`` over ``h``'s ``m`` rows; a row without edges gets a zero mean), so a
     GraphSAGE mean-aggregator layer is one GEMM of the result with ``[W_self | W_neigh]``.
     ``t_rowptr, t_col``: the same edges as the transposed CSR ``[m, n]`` (``sampling.Blocks.mean_csr``
-    gives both), which the backward reads. Differentiable in ``h``. The compiled kernel serves
-    contiguous float32 on the CPU; anything else runs ``reference.block_mean_concat``."""
+    gives both), which the backward reads. Differentiable in ``h``. ``out_dtype`` (default ``h``'s):
+    the result's dtype, float32 or bfloat16; the means are summed in float32 either way. The
+    compiled kernel serves float32 and bfloat16 on the CPU; anything else runs
+    ``reference.block_mean_concat``."""
     _check_float("h", h, 2)
+    _check_out_dtype(out_dtype)
     if rowptr.numel() - 1 > h.size(0):
         raise ValueError(f"rowptr: expected at most h.size(0) + 1 = {h.size(0) + 1} entries, got {rowptr.numel()}")
     if t_rowptr.numel() != h.size(0) + 1:
         raise ValueError(f"t_rowptr: expected h.size(0) + 1 = {h.size(0) + 1} entries, got {t_rowptr.numel()}")
-    if _backend.backend() == "reference" or h.dtype != torch.float32:
-        return reference.block_mean_concat(rowptr, col, t_rowptr, t_col, h)
-    return torch.ops.glrec.block_mean_concat(rowptr, col, t_rowptr, t_col, h.contiguous())
+    if _backend.backend() == "reference" or h.dtype not in (torch.float32, torch.bfloat16):
+        return reference.block_mean_concat(rowptr, col, t_rowptr, t_col, h, out_dtype=out_dtype)
+    return torch.ops.glrec.block_mean_concat(rowptr, col, t_rowptr, t_col, h.contiguous(), out_dtype=out_dtype)
 
 
 class _TableRows(torch.autograd.Function):
@@ -342,39 +351,43 @@ def table_rows(weight: torch.Tensor, nodes: torch.Tensor, order: torch.Tensor, s
 
 class _TableMeanConcat(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, nodes, order, sorted_ids, rowptr, table_col, t_rowptr, t_col):
+    def forward(ctx, weight, nodes, order, sorted_ids, rowptr, table_col, t_rowptr, t_col, out_dtype):
         ctx.save_for_backward(rowptr, t_rowptr, t_col, order, sorted_ids)
-        ctx.shape = weight.shape
-        return torch.ops.glrec.block_mean_concat(rowptr, table_col, t_rowptr, t_col, weight, nodes)
+        ctx.shape, ctx.dtype = weight.shape, weight.dtype
+        return torch.ops.glrec.block_mean_concat(rowptr, table_col, t_rowptr, t_col, weight, nodes, out_dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         rowptr, t_rowptr, t_col, order, sorted_ids = ctx.saved_tensors
-        gh = torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, t_col, grad.contiguous(), order)
+        gh = torch.ops.glrec.block_mean_concat_backward(rowptr, t_rowptr, t_col, grad.contiguous(), order,
+                                                        out_dtype=ctx.dtype)
         g = torch.sparse_coo_tensor(sorted_ids.unsqueeze(0), gh, ctx.shape, is_coalesced=True, check_invariants=False)
-        return g, None, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None, None
 
 
 def table_mean_concat(weight: torch.Tensor, nodes: torch.Tensor, order: torch.Tensor, sorted_ids: torch.Tensor,
                       rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor,
-                      table_col: torch.Tensor | None = None) -> torch.Tensor:
+                      table_col: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``block_mean_concat(table_rows(weight, nodes, order, sorted_ids), rowptr, col, t_rowptr, t_col)``
     with the ID rows read straight off the table: the first layer of a sampled GraphSAGE without the
     ``[m, d]`` copy of the block's rows, and the row-sparse gradient written in its sorted row order
     without a reordering pass (at 20M interactions, batch 8,192: ~300k rows each way per step).
     ``nodes`` are the block's unique global ids (its local rows), ``order``/``sorted_ids`` as
     :func:`table_rows` takes them; ``table_col`` is ``nodes[col]`` (``Blocks.table_cols``, built on the
-    sampler's thread; computed here when None). The compiled CPU kernel serves float32; elsewhere,
-    the same product of :func:`table_rows` and :func:`block_mean_concat`."""
+    sampler's thread; computed here when None). ``out_dtype`` as :func:`block_mean_concat` takes it
+    (the table's gradient keeps the table's dtype). The compiled CPU kernel serves a float32 table;
+    elsewhere, the same product of :func:`table_rows` and :func:`block_mean_concat`."""
     _check_float("weight", weight, 2)
+    _check_out_dtype(out_dtype)
     if t_rowptr.numel() != nodes.numel() + 1:
         raise ValueError(f"t_rowptr: expected nodes.numel() + 1 = {nodes.numel() + 1} entries, got {t_rowptr.numel()}")
     if (_backend.backend() == "reference" or weight.dtype != torch.float32
             or KERNELS["block_mean_concat"].get(weight.device.type.upper()) != "C++ (_C)"):
-        return block_mean_concat(table_rows(weight, nodes, order, sorted_ids), rowptr, col, t_rowptr, t_col)
+        return block_mean_concat(table_rows(weight, nodes, order, sorted_ids), rowptr, col, t_rowptr, t_col,
+                                 out_dtype=out_dtype)
     if table_col is None:
         table_col = nodes[col]
-    return _TableMeanConcat.apply(weight, nodes, order, sorted_ids, rowptr, table_col, t_rowptr, t_col)
+    return _TableMeanConcat.apply(weight, nodes, order, sorted_ids, rowptr, table_col, t_rowptr, t_col, out_dtype)
 
 
 def csr_transpose(rowptr: torch.Tensor, col: torch.Tensor, num_cols: int):

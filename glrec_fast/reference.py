@@ -160,12 +160,17 @@ def csr_transpose(rowptr: torch.Tensor, col: torch.Tensor, num_cols: int):
 
 
 def block_mean_concat(rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor,
-                      h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+                      h: torch.Tensor, index: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+                      ) -> torch.Tensor:
     """``[h[:n] | mean over each row's sampled neighbours]`` (``[n, 2d]``, ``n = rowptr.numel() - 1``),
     the input of a GraphSAGE mean-aggregator layer: a slice, a gather-sum and a cat, differentiable
     by torch's autograd. ``t_rowptr, t_col`` (the transposed CSR) are the compiled backward's.
     With ``index`` (the table row of each of the block's local rows), ``h`` is the ID table and
-    ``col`` names each edge's neighbour by its table row."""
+    ``col`` names each edge's neighbour by its table row. ``out_dtype`` (default ``h``'s): the result's
+    dtype; bfloat16 ``h`` is summed in float32, as the compiled kernel does."""
+    if h.dtype == torch.bfloat16 or (out_dtype is not None and out_dtype != h.dtype):
+        x = h.float() if h.dtype == torch.bfloat16 else h
+        return block_mean_concat(rowptr, col, t_rowptr, t_col, x, index).to(out_dtype or h.dtype)
     if index is not None:
         n = rowptr.numel() - 1
         counts = rowptr[1:] - rowptr[:-1]
@@ -180,10 +185,15 @@ def block_mean_concat(rowptr: torch.Tensor, col: torch.Tensor, t_rowptr: torch.T
 
 
 def block_mean_concat_backward(rowptr: torch.Tensor, t_rowptr: torch.Tensor, t_col: torch.Tensor,
-                               grad: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+                               grad: torch.Tensor, order: torch.Tensor | None = None,
+                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The gradient of :func:`block_mean_concat` in the block's rows (``[m, d]``, ``m = t_rowptr.numel() - 1``):
     the self half into the first ``n`` rows plus the mean half spread back over the transposed CSR;
-    with ``order``, row ``s`` holds local row ``order[s]``'s gradient."""
+    with ``order``, row ``s`` holds local row ``order[s]``'s gradient. ``out_dtype`` (default
+    ``grad``'s): the result's dtype; a bfloat16 ``grad`` is summed in float32."""
+    if grad.dtype == torch.bfloat16 or (out_dtype is not None and out_dtype != grad.dtype):
+        g = grad.float() if grad.dtype == torch.bfloat16 else grad
+        return block_mean_concat_backward(rowptr, t_rowptr, t_col, g, order).to(out_dtype or grad.dtype)
     if order is not None:
         return block_mean_concat_backward(rowptr, t_rowptr, t_col, grad)[order]
     n, m, d = rowptr.numel() - 1, t_rowptr.numel() - 1, grad.size(1) // 2

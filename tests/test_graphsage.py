@@ -93,6 +93,85 @@ def test_block_mean_concat_kernel_equals_reference(graph, hop, dim):
 
 
 @pytest.mark.skipif(not COMPILED_MEAN, reason="compiled extension not built")
+@pytest.mark.parametrize("dim", [64, 6])
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16])
+def test_block_mean_concat_bfloat16_output_and_gradient(graph, dim, h_dtype):
+    # GraphSAGE's bfloat16 layers: the kernel reads float32 or bfloat16 rows, sums in float32 and
+    # writes bfloat16; its backward reads a bfloat16 gradient and writes the input's dtype.
+    users, pos, neg = BATCH
+    b = sampling.bpr_blocks(graph, users, pos, neg, [3, 4], seed=2)
+    csr = b.mean_csr(1)
+    h = torch.randn(b.sizes[2], dim).to(h_dtype).requires_grad_()
+    got = ops.block_mean_concat(h, *csr, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    want = reference.block_mean_concat(*csr, h.detach().double())
+    n = csr[0].numel() - 1
+    # The self half is a copy: rounded to bfloat16 exactly as torch rounds (to nearest, ties to even).
+    assert torch.equal(got[:, :dim], h.detach()[:n].to(torch.bfloat16))
+    torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-3)
+    g = torch.randn(got.shape).to(torch.bfloat16)
+    (gh,) = torch.autograd.grad(got, h, g)
+    assert gh.dtype == h_dtype
+    h64 = h.detach().double().requires_grad_()
+    (wh,) = torch.autograd.grad(reference.block_mean_concat(*csr, h64), h64, g.double())
+    torch.testing.assert_close(gh.double(), wh, rtol=8e-3 if h_dtype == torch.bfloat16 else 1e-6, atol=1e-2)
+    # The fallback (reference) path gives the same dtypes and values.
+    ref = reference.block_mean_concat(*csr, h.detach(), out_dtype=torch.bfloat16)
+    assert ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ref.double(), got.detach().double(), rtol=8e-3, atol=1e-3)
+    # Rounding keeps infinities and NaN what they are.
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.0e38, -0.0, 1.0 + 2 ** -8])
+    hs = torch.zeros(b.sizes[2], 6)
+    hs[0] = special
+    out = ops.block_mean_concat(hs, *csr, out_dtype=torch.bfloat16)[0, :6]
+    torch.testing.assert_close(out, special.to(torch.bfloat16), equal_nan=True, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out_dtype: expected"):
+        ops.block_mean_concat(h, *csr, out_dtype=torch.float16)
+
+
+@pytest.mark.skipif(not COMPILED_MEAN, reason="compiled extension not built")
+def test_table_mean_concat_bfloat16_keeps_a_float32_table_gradient(graph):
+    users, pos, neg = BATCH
+    b = sampling.bpr_blocks(graph, users, pos, neg, [3, 4], seed=2)
+    csr = b.mean_csr(1)
+    order, ids = b.sorted_nodes()
+    table = torch.randn(graph.num_nodes, 64, requires_grad=True)
+    got = ops.table_mean_concat(table, b.nodes, order, ids, *csr, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and type(got.grad_fn).__name__ == "_TableMeanConcatBackward"
+    t64 = table.detach().double().requires_grad_()
+    want = reference.block_mean_concat(*csr, t64[b.nodes])
+    torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=1e-3)
+    g = torch.randn(got.shape).to(torch.bfloat16)
+    (gt,) = torch.autograd.grad(got, table, g)
+    (wt,) = torch.autograd.grad(want, t64, g.double())
+    assert gt.dtype == torch.float32 and gt.is_sparse and torch.equal(gt._indices()[0], ids)
+    torch.testing.assert_close(gt.to_dense().double(), wt, rtol=1e-5, atol=1e-5)   # float32 sums of bf16 grads
+
+
+def test_graphsage_bfloat16_layers_train_like_float32(graph):
+    # The same batch and parameters through float32 and bfloat16 layers: the loss and the table's
+    # gradient agree to bfloat16's precision; parameters and evaluation stay float32.
+    users, pos, neg = BATCH
+    models = {}
+    for dt in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        m = GraphSAGE(graph, dim=16, fanouts=[3, 4], sample_seed=5, layer_dtype=dt)
+        m.row_sparse = True
+        loss, _ = m.loss(users, pos, neg, 1e-4)
+        loss.backward()
+        models[dt] = (m, loss.detach())
+    (m32, l32), (m16, l16) = models["float32"], models["bfloat16"]
+    assert l16.dtype == torch.float32 and torch.isfinite(l16)
+    torch.testing.assert_close(l16, l32, rtol=2e-2, atol=1e-3)
+    g32, g16 = m32.ego.weight.grad.to_dense(), m16.ego.weight.grad.to_dense()
+    assert g16.dtype == torch.float32 and g16.abs().sum() > 0
+    assert float((g16 - g32).norm() / g32.norm()) < 0.05
+    assert m16.ego.weight.dtype == torch.float32 and m16.embeddings()[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="layer_dtype: expected"):
+        GraphSAGE(graph, dim=16, fanouts=[3, 4], layer_dtype="float16")
+
+
+@pytest.mark.skipif(not COMPILED_MEAN, reason="compiled extension not built")
 def test_block_mean_concat_bad_input_names_it(graph):
     users, pos, neg = BATCH
     b = sampling.bpr_blocks(graph, users, pos, neg, [3, 4], seed=2)

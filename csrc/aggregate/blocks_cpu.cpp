@@ -11,7 +11,9 @@
 // slice, a zero-filled sparse-product output, an add, and per-edge value arrays 1 / c_i in both
 // orders) makes five passes over [m, d] tables per layer and two over [edges] arrays; here each
 // output row is written once, the mean's scale comes from rowptr, and no value array exists.
-// float32 only (ops.block_mean_concat sends anything else to reference.block_mean_concat).
+// h and grad in float32 or bfloat16; `out_dtype` (default: the input's) picks the result's, float32 or
+// bfloat16. Sums are float32 whatever the storage (ops.block_mean_concat sends other dtypes to
+// reference.block_mean_concat).
 //
 // Optional row maps, for a first layer that reads the ID table itself (ops.table_mean_concat):
 // with `index` (the table row of each of the block's m local rows), h is the table, `col` lists each
@@ -29,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -39,51 +42,70 @@ namespace {
 
 constexpr int64_t kPrefetch = 4;  // gathered rows ahead (2 and 8 measured the same; 0 was 1.6x slower)
 
+// Element access for float32 and bfloat16 rows (bfloat16 held as its 16 bits: the shifts vectorise).
+inline float load(const float* p, int64_t c) { return p[c]; }
+inline float load(const uint16_t* p, int64_t c) {
+  const uint32_t u = static_cast<uint32_t>(p[c]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(float* p, int64_t c, float v) { p[c] = v; }
+inline void store(uint16_t* p, int64_t c, float v) {   // round to nearest even, as torch's conversion
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {   // NaN stays NaN (rounding could carry it into infinity)
+    p[c] = static_cast<uint16_t>((u >> 16) | 0x40u);
+    return;
+  }
+  p[c] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // D > 0: the width at compile time, so the row's sum stays in registers across its edges (d = 64 is
 // GraphSAGE's default); D = 0: any width d, the sum in a buffer.
-template <int D>
+template <int D, typename In, typename Out>
 GLREC_CLONES
 void concat_mean_rows(int64_t r0, int64_t r1, int64_t d, const int64_t* rp, const int64_t* cp, const int64_t* idx,
-                      const float* h, float* out) {
+                      const In* h, Out* out) {
   const int64_t w = D > 0 ? D : d;
   std::vector<float> buf(D > 0 ? 0 : d);
   float local[D > 0 ? D : 1];
   float* acc = D > 0 ? local : buf.data();
   for (int64_t i = r0; i < r1; ++i) {
-    float* self = out + i * 2 * w;
-    const float* hi = h + (idx ? idx[i] : i) * w;
+    Out* self = out + i * 2 * w;
+    const In* hi = h + (idx ? idx[i] : i) * w;
 #pragma omp simd
-    for (int64_t c = 0; c < w; ++c) { self[c] = hi[c]; acc[c] = 0.f; }
+    for (int64_t c = 0; c < w; ++c) { store(self, c, load(hi, c)); acc[c] = 0.f; }
     const int64_t e0 = rp[i], e1 = rp[i + 1];
     for (int64_t e = e0; e < e1; ++e) {
       if (e + kPrefetch < e1) {
         const char* p = reinterpret_cast<const char*>(h + cp[e + kPrefetch] * w);
-        for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(p + off);
+        for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(In)); off += 64) __builtin_prefetch(p + off);
       }
-      const float* row = h + cp[e] * w;
+      const In* row = h + cp[e] * w;
 #pragma omp simd
-      for (int64_t c = 0; c < w; ++c) acc[c] += row[c];
+      for (int64_t c = 0; c < w; ++c) acc[c] += load(row, c);
     }
     const float inv = e1 > e0 ? 1.f / static_cast<float>(e1 - e0) : 0.f;
-    float* mean = self + w;
+    Out* mean = self + w;
 #pragma omp simd
-    for (int64_t c = 0; c < w; ++c) mean[c] = acc[c] * inv;
+    for (int64_t c = 0; c < w; ++c) store(mean, c, acc[c] * inv);
   }
 }
 
-template <int D>
+template <int D, typename G, typename Out>
 GLREC_CLONES
 void concat_mean_backward_rows(int64_t j0, int64_t j1, int64_t d, int64_t n, const int64_t* rp, const int64_t* trp,
-                               const int64_t* tcp, const int64_t* dest, const float* grad, float* gh) {
+                               const int64_t* tcp, const int64_t* dest, const G* grad, Out* gh) {
   const int64_t w = D > 0 ? D : d;
   std::vector<float> buf(D > 0 ? 0 : d);
   float local[D > 0 ? D : 1];
   float* acc = D > 0 ? local : buf.data();
   for (int64_t j = j0; j < j1; ++j) {   // local order: t_col streams; the output row is dest[j]
     if (j < n) {
-      const float* g = grad + j * 2 * w;
+      const G* g = grad + j * 2 * w;
 #pragma omp simd
-      for (int64_t c = 0; c < w; ++c) acc[c] = g[c];
+      for (int64_t c = 0; c < w; ++c) acc[c] = load(g, c);
     } else {
       std::fill(acc, acc + w, 0.f);
     }
@@ -91,25 +113,44 @@ void concat_mean_backward_rows(int64_t j0, int64_t j1, int64_t d, int64_t n, con
     for (int64_t e = e0; e < e1; ++e) {
       if (e + kPrefetch < e1) {
         const char* p = reinterpret_cast<const char*>(grad + (tcp[e + kPrefetch] * 2 + 1) * w);
-        for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(float)); off += 64) __builtin_prefetch(p + off);
+        for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(G)); off += 64) __builtin_prefetch(p + off);
       }
       const int64_t i = tcp[e];
       const float s = 1.f / static_cast<float>(rp[i + 1] - rp[i]);   // >= 1 edge: row i lists j
-      const float* g = grad + (i * 2 + 1) * w;
+      const G* g = grad + (i * 2 + 1) * w;
 #pragma omp simd
-      for (int64_t c = 0; c < w; ++c) acc[c] += s * g[c];
+      for (int64_t c = 0; c < w; ++c) acc[c] += s * load(g, c);
     }
-    float* o = gh + (dest ? dest[j] : j) * w;
+    Out* o = gh + (dest ? dest[j] : j) * w;
 #pragma omp simd
-    for (int64_t c = 0; c < w; ++c) o[c] = acc[c];
+    for (int64_t c = 0; c < w; ++c) store(o, c, acc[c]);
   }
 }
 
 void check_float_matrix(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), op, ": ", name, " must be a contiguous 2-d tensor, got shape ",
               t.sizes());
+}
+
+at::ScalarType out_type(const char* op, const c10::optional<at::ScalarType>& out_dtype, at::ScalarType fallback) {
+  const at::ScalarType t = out_dtype.value_or(fallback);
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16, op, ": out_dtype must be float32 or bfloat16, got ", t);
+  return t;
+}
+
+// Calls f(In{}, Out{}) with the kernels' element types for the two tensors' dtypes (float32: float,
+// bfloat16: its 16 bits as uint16_t).
+template <typename F>
+void with_elements(at::ScalarType in, at::ScalarType out, F f) {
+  auto with_out = [&](auto in_tag) {
+    if (out == at::kFloat) f(in_tag, float{});
+    else f(in_tag, uint16_t{});
+  };
+  if (in == at::kFloat) with_out(float{});
+  else with_out(uint16_t{});
 }
 
 template <typename F>
@@ -142,7 +183,8 @@ static void check_row_map(const char* op, const char* name, const at::Tensor& t,
 }
 
 at::Tensor block_mean_concat_cpu(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& t_rowptr,
-                                 const at::Tensor& t_col, const at::Tensor& h, const c10::optional<at::Tensor>& index) {
+                                 const at::Tensor& t_col, const at::Tensor& h, const c10::optional<at::Tensor>& index,
+                                 c10::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "glrec::block_mean_concat";
   check_float_matrix(op, "h", h);
   const bool mapped = index.has_value() && index->defined();
@@ -152,22 +194,27 @@ at::Tensor block_mean_concat_cpu(const at::Tensor& rowptr, const at::Tensor& col
               " + 1 = ", m + 1, " entries, got ", rowptr.numel());
   const int64_t col_bound = mapped ? h.size(0) : m;   // mapped: col holds table rows
   check_csr(op, "rowptr/col", rowptr, col, n, col_bound);   // (t_rowptr, t_col): read by the backward, checked there
-  at::Tensor out = at::empty({n, 2 * d}, h.options());
+  at::Tensor out = at::empty({n, 2 * d}, h.options().dtype(out_type(op, out_dtype, h.scalar_type())));
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const int64_t* cp = col.data_ptr<int64_t>();
   const int64_t* ip = mapped ? index->data_ptr<int64_t>() : nullptr;
-  const float* hp = h.data_ptr<float>();
-  float* op_ = out.data_ptr<float>();
-  for_row_blocks(rp, n, [&](int64_t r0, int64_t r1) {
-    if (d == 64) concat_mean_rows<64>(r0, r1, d, rp, cp, ip, hp, op_);
-    else concat_mean_rows<0>(r0, r1, d, rp, cp, ip, hp, op_);
+  with_elements(h.scalar_type(), out.scalar_type(), [&](auto in_tag, auto out_tag) {
+    using In = decltype(in_tag);
+    using Out = decltype(out_tag);
+    const In* hp = static_cast<const In*>(h.data_ptr());
+    Out* op_ = static_cast<Out*>(out.data_ptr());
+    for_row_blocks(rp, n, [&](int64_t r0, int64_t r1) {
+      if (d == 64) concat_mean_rows<64>(r0, r1, d, rp, cp, ip, hp, op_);
+      else concat_mean_rows<0>(r0, r1, d, rp, cp, ip, hp, op_);
+    });
   });
   return out;
 }
 
 at::Tensor block_mean_concat_backward_cpu(const at::Tensor& rowptr, const at::Tensor& t_rowptr,
                                           const at::Tensor& t_col, const at::Tensor& grad,
-                                          const c10::optional<at::Tensor>& order) {
+                                          const c10::optional<at::Tensor>& order,
+                                          c10::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "glrec::block_mean_concat_backward";
   check_float_matrix(op, "grad", grad);
   const int64_t n = rowptr.numel() - 1, m = t_rowptr.numel() - 1;
@@ -187,15 +234,19 @@ at::Tensor block_mean_concat_backward_cpu(const at::Tensor& rowptr, const at::Te
     for (int64_t s = 0; s < m; ++s) dest[ord[s]] = s;
   }
   const int64_t* dp = ordered ? dest.data() : nullptr;
-  at::Tensor gh = at::empty({m, d}, grad.options());
+  at::Tensor gh = at::empty({m, d}, grad.options().dtype(out_type(op, out_dtype, grad.scalar_type())));
   const int64_t* rp = rowptr.data_ptr<int64_t>();
   const int64_t* trp = t_rowptr.data_ptr<int64_t>();
   const int64_t* tcp = t_col.data_ptr<int64_t>();
-  const float* gp = grad.data_ptr<float>();
-  float* hp = gh.data_ptr<float>();
-  for_row_blocks(trp, m, [&](int64_t j0, int64_t j1) {
-    if (d == 64) concat_mean_backward_rows<64>(j0, j1, d, n, rp, trp, tcp, dp, gp, hp);
-    else concat_mean_backward_rows<0>(j0, j1, d, n, rp, trp, tcp, dp, gp, hp);
+  with_elements(grad.scalar_type(), gh.scalar_type(), [&](auto g_tag, auto out_tag) {
+    using G = decltype(g_tag);
+    using Out = decltype(out_tag);
+    const G* gp = static_cast<const G*>(grad.data_ptr());
+    Out* hp = static_cast<Out*>(gh.data_ptr());
+    for_row_blocks(trp, m, [&](int64_t j0, int64_t j1) {
+      if (d == 64) concat_mean_backward_rows<64>(j0, j1, d, n, rp, trp, tcp, dp, gp, hp);
+      else concat_mean_backward_rows<0>(j0, j1, d, n, rp, trp, tcp, dp, gp, hp);
+    });
   });
   return gh;
 }

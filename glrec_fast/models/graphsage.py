@@ -8,7 +8,9 @@ Both sample the joint user-item graph around each BPR batch (``glrec_fast.sampli
 - ``GraphSAGE`` (Hamilton et al., 2017) with the mean aggregator over learned ID embeddings:
   ``h_v' = act(W_self h_v + W_neigh mean_{u in S(v)} h_u + b)`` (no activation after the last
   layer). Training uses the sampled ``S(v)``; evaluation computes every node layer by layer over
-  the full neighbourhoods, in row chunks (the usual GraphSAGE inference).
+  the full neighbourhoods, in row chunks (the usual GraphSAGE inference). ``layer_dtype="bfloat16"``
+  (``--propagate_dtype bfloat16``) runs the sampled layers' inputs, GEMMs and activations in
+  bfloat16 (means summed in float32, parameters, optimiser and evaluation in float32).
 - ``SampledLightGCN``: LightGCN's parameters and full-graph evaluation, trained on sampled blocks
   with the full graph's normalisation and each sampled sum scaled by ``deg / k`` (unbiased; see
   ``sampling.lightgcn_sampled``) -- for graphs too large to propagate whole every step.
@@ -33,9 +35,14 @@ log = logging.getLogger(__name__)
 
 
 class GraphSAGE(SampledTraining, Recommender):
+    LAYER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
     def __init__(self, graph, dim: int = 64, fanouts=(10, 10), init_std: float = 0.1, replace: bool = False,
-                 sample_seed: int = 0, eval_chunk: int = 16384):
+                 sample_seed: int = 0, eval_chunk: int = 16384, layer_dtype: str = "float32"):
         super().__init__()
+        if layer_dtype not in self.LAYER_DTYPES:
+            raise ValueError(f"layer_dtype: expected one of {list(self.LAYER_DTYPES)}, got {layer_dtype!r}")
+        self.layer_dtype = self.LAYER_DTYPES[layer_dtype]
         self._init_sampling(fanouts, replace, sample_seed)
         self.graph = graph
         self.num_users, self.num_items = graph.num_users, graph.num_items
@@ -61,8 +68,8 @@ class GraphSAGE(SampledTraining, Recommender):
         csr = blocks.mean_csr(hop)
         if h0 is None and self.row_sparse:
             return ops.table_mean_concat(self.ego.weight, blocks.nodes, *blocks.sorted_nodes(), *csr,
-                                         table_col=blocks.table_cols(hop))
-        return ops.block_mean_concat(self.block_rows(blocks) if h0 is None else h0, *csr)
+                                         table_col=blocks.table_cols(hop), out_dtype=self.layer_dtype)
+        return ops.block_mean_concat(self.block_rows(blocks) if h0 is None else h0, *csr, out_dtype=self.layer_dtype)
 
     def sample(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> Blocks:
         blocks = super().sample(users, pos, neg)
@@ -75,7 +82,7 @@ class GraphSAGE(SampledTraining, Recommender):
         for t in range(1, self.num_layers):
             hop = self.num_layers - 1 - t  # layer t uses the edges of hops 0..hop
             h = self._layer(t, ops.block_mean_concat(h, *blocks.mean_csr(hop)))
-        return h
+        return h.float()
 
     def block_embeddings(self, blocks: Blocks, h0: torch.Tensor | None = None) -> torch.Tensor:
         """Final embeddings of the unique seeds (local-id order) computed on ``blocks``."""
@@ -84,7 +91,7 @@ class GraphSAGE(SampledTraining, Recommender):
     def block_forward(self, blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
         # The seeds' ID rows are the self half of layer 0's first rows: no second read of the table.
         x = self._first_input(blocks, None)
-        return self._layers(blocks, x), x[: blocks.sizes[0], : self.ego.embedding_dim]
+        return self._layers(blocks, x), x[: blocks.sizes[0], : self.ego.embedding_dim].float()
 
     def row_tables(self):
         return [self.ego]
@@ -144,7 +151,8 @@ def build(cfg: dict, ds, graph) -> Recommender:
         log.warning("%s: %d layers, one per fanout in fanouts=%s (num_layers=%s is not used by a sampled model)",
                     cfg["model"], len(fanouts), fanouts, cfg["num_layers"])
     if cfg["model"] == "graphsage":
-        return GraphSAGE(graph, cfg["emb_dim"], fanouts, cfg["init_std"], sample_seed=cfg["seed"])
+        return GraphSAGE(graph, cfg["emb_dim"], fanouts, cfg["init_std"], sample_seed=cfg["seed"],
+                         layer_dtype=cfg["propagate_dtype"])
     if cfg["model"] == "lightgcn":
         return SampledLightGCN(graph, cfg["emb_dim"], fanouts, cfg["init_std"], sample_seed=cfg["seed"])
     raise ValueError(f"model: {cfg['model']!r} has no sampled variant; expected graphsage or lightgcn")
