@@ -81,3 +81,26 @@ def _apply() -> str:
     if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
         return "not applied: mallopt refused the settings"
     return "kept"
+
+
+# oneDNN (torch's bfloat16 GEMMs on the CPU) caches a primitive per GEMM shape, up to 1,024, each with
+# its buffers. A sampled GraphSAGE step's row counts differ every batch, so the cache never hits and
+# only grows: at 20M interactions, batch 8,192, bfloat16 layers held 6.9 GiB at the end of one epoch
+# against 2.4-2.7 GiB in float32, and a 20M step was no slower without the cache (bench/RESULTS.md,
+# "GraphSAGE's layers in bfloat16").
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def bound_onednn_cache() -> str:
+    """Set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0`` unless the process set it (oneDNN reads it when it
+    first builds a primitive: call this before the first bfloat16 GEMM). Logs once; returns what
+    was done."""
+    if "onednn" not in _state:
+        if ONEDNN_CACHE_ENV in os.environ:
+            _state["onednn"] = f"{ONEDNN_CACHE_ENV}={os.environ[ONEDNN_CACHE_ENV]} was set; left as it is"
+        else:
+            os.environ[ONEDNN_CACHE_ENV] = "0"
+            _state["onednn"] = (f"{ONEDNN_CACHE_ENV}=0: bfloat16 GEMMs whose row counts change every step "
+                                f"would otherwise fill oneDNN's primitive cache (GiBs at 20M interactions)")
+        log.info("oneDNN: %s", _state["onednn"])
+    return _state["onednn"]

@@ -45,3 +45,26 @@ def test_settings_chosen_outside_stand():
     assert probe["result"].startswith("not applied: MALLOC_TRIM_THRESHOLD_ is set"), probe
     probe = _probe("keep", GLIBC_TUNABLES="glibc.malloc.mmap_max=0")
     assert "GLIBC_TUNABLES sets glibc.malloc.mmap_max" in probe["result"], probe
+
+
+_ONEDNN_PROBE = r"""
+import os, sys, torch
+import glrec_fast as gl
+from glrec_fast.models.graphsage import GraphSAGE
+g = gl.BipartiteGraph.from_interactions(torch.tensor([[0, 0], [1, 1], [2, 1]]), 3, 2)
+GraphSAGE(g, dim=8, fanouts=[2, 2], layer_dtype=sys.argv[1])
+print(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "unset"))
+"""
+
+
+@pytest.mark.parametrize("layer_dtype, preset, want", [("bfloat16", None, "0"), ("bfloat16", "7", "7"),
+                                                       ("float32", None, "unset")])
+def test_bfloat16_graphsage_bounds_onednn_primitive_cache(layer_dtype, preset, want):
+    # bfloat16 GEMMs whose row counts change every step would fill oneDNN's cache (GiBs at 20M);
+    # a capacity the process chose stands, and float32 layers leave it alone.
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    out = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE, layer_dtype], env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == want

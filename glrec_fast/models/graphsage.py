@@ -25,7 +25,7 @@ import warnings
 import torch
 from torch import nn
 
-from .. import ops
+from .. import allocator, ops
 from ..sampling import Blocks, SampledTraining, lightgcn_sampled
 from .base import Recommender
 from .lightgcn import LightGCN
@@ -43,6 +43,8 @@ class GraphSAGE(SampledTraining, Recommender):
         if layer_dtype not in self.LAYER_DTYPES:
             raise ValueError(f"layer_dtype: expected one of {list(self.LAYER_DTYPES)}, got {layer_dtype!r}")
         self.layer_dtype = self.LAYER_DTYPES[layer_dtype]
+        if self.layer_dtype == torch.bfloat16:
+            allocator.bound_onednn_cache()
         self._init_sampling(fanouts, replace, sample_seed)
         self.graph = graph
         self.num_users, self.num_items = graph.num_users, graph.num_items
