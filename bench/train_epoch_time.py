@@ -1,6 +1,6 @@
 """One sampled GraphSAGE training epoch through ``train.train``, timed, for comparing commits.
 
-    python bench/train_epoch_time.py --synthetic_interactions 20000000
+    python bench/train_epoch_time.py --synthetic_interactions 20000000 [--propagate_dtype bfloat16]
     PYTHONPATH=/path/to/older/checkout python bench/train_epoch_time.py ...   # the same at another commit
 
 The configuration is the one issue 14's 20M run used (``bench/sampled_scale.py``: fanouts [10, 10],
