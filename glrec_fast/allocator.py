@@ -15,6 +15,8 @@ top is handed back to the OS only above that). Training calls it once at its sta
 nothing, and says why, on a libc without ``mallopt`` or when the process's allocator was chosen
 from outside (the same settings in ``MALLOC_*_`` variables or ``GLIBC_TUNABLES``, or an
 allocator in ``LD_PRELOAD``).
+
+``bound_onednn_cache()`` does the same for memory oneDNN would hold: a bfloat16 GraphSAGE calls it.
 """
 from __future__ import annotations
 
