@@ -15,6 +15,8 @@
 namespace glrec {
 namespace {
 
+constexpr int64_t kPrefetchRows = 4;
+
 void row_adam_cpu(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& rows,
                   const at::Tensor& grad, double step_size, double beta1, double beta2, double eps,
                   double bc2_sqrt) {
@@ -44,6 +46,14 @@ void row_adam_cpu(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_sq, c
               bc2 = static_cast<float>(bc2_sqrt), ss = static_cast<float>(-step_size);
   at::parallel_for(0, n, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
+      if (i + kPrefetchRows < hi) {   // the sorted rows skip about: ask for the next ones ahead
+        const int64_t r = R[i + kPrefetchRows] * d;
+        for (int64_t off = 0; off < d; off += 16) {
+          __builtin_prefetch(P + r + off, 1);
+          __builtin_prefetch(M + r + off, 1);
+          __builtin_prefetch(V + r + off, 1);
+        }
+      }
       float* p = P + R[i] * d;
       float* m = M + R[i] * d;
       float* v = V + R[i] * d;
