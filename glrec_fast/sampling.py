@@ -260,17 +260,32 @@ class Prefetcher:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._queue: collections.deque = collections.deque()
 
-    def submit(self, *args) -> None:
+    def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glrec-sampler")
         while len(self._queue) >= self.depth:
             self._queue.popleft()[1].cancel()
-        self._queue.append((args, self._pool.submit(self.fn, *args)))
+        return self._pool
+
+    def submit(self, *args) -> None:
+        pool = self._worker()
+        self._queue.append((args, pool.submit(self.fn, *args)))
+
+    def submit_from(self, make) -> concurrent.futures.Future:
+        """``args = make()`` and then ``fn(*args)``, both on the worker thread; returns the future of
+        ``args`` (``take(*args)`` with them finds the result). The one worker runs its tasks in order,
+        so ``fn`` starts as soon as ``make`` is done."""
+        pool = self._worker()
+        made = pool.submit(make)
+        self._queue.append((made, pool.submit(lambda: self.fn(*made.result()))))
+        return made
 
     def take(self, *args):
         """The result queued for ``args``: entries queued before it are stale and dropped, those after
         it (batches submitted ahead) stay. Not queued: computed on the spot, the queue left alone."""
         for i, (queued, _) in enumerate(self._queue):
+            if isinstance(queued, concurrent.futures.Future):
+                queued = queued.result()   # submit_from: its args, made on the worker (done by now)
             if len(queued) == len(args) and all(_same(a, b) for a, b in zip(queued, args)):
                 for _ in range(i):
                     self._queue.popleft()[1].cancel()
@@ -323,6 +338,12 @@ class SampledTraining:
     def prefetch(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> None:
         """Start sampling the blocks of an upcoming batch on the worker thread."""
         self._prefetcher.submit(users, pos, neg)
+
+    def prefetch_from(self, make) -> concurrent.futures.Future:
+        """Build an upcoming batch (``make() -> (users, pos, neg)``) and then sample its blocks, both on
+        the worker thread; returns the future of the batch. The training loop builds batches so: its BPR
+        negatives (a search of every training key) leave the training thread too."""
+        return self._prefetcher.submit_from(make)
 
     def forward(self, users, pos, neg):
         """BPR triples' scores and the L2 term, as ``Recommender.forward`` returns them; the L2 rows

@@ -14,6 +14,7 @@ checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -484,13 +485,17 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
 
         upcoming = batch(0) if n_batches else None
         for b in bar:
-            users, pos, neg = upcoming
+            users, pos, neg = upcoming if isinstance(upcoming, tuple) else upcoming.result()
             if b + 1 < n_batches:
-                upcoming = batch(b + 1)   # built once: its BPR negatives are a search of every training key
-                if hasattr(model, "prefetch"):
-                    # Sampled models (sampling.SampledTraining): the next batch's neighbourhood is drawn on
-                    # a worker thread while this batch trains; its sample is the same as one drawn on the spot.
-                    model.prefetch(*upcoming)
+                # Sampled models (sampling.SampledTraining): the next batch is built and its neighbourhood
+                # drawn on a worker thread while this batch trains; its sample is the same as one drawn on
+                # the spot. Hybrids with a sampled branch get the next batch's neighbourhood only.
+                if hasattr(model, "prefetch_from"):
+                    upcoming = model.prefetch_from(functools.partial(batch, b + 1))
+                else:
+                    upcoming = batch(b + 1)   # built once: its BPR negatives are a search of every training key
+                    if hasattr(model, "prefetch"):
+                        model.prefetch(*upcoming)
             if softmax:
                 loss, parts = step_fn("softmax_loss", users, pos, neg, cfg["temperature"], cfg["reg_weight"])
             else:

@@ -471,6 +471,59 @@ def test_prefetch_in_the_training_loops_order_samples_ahead():
     assert where == [False] + [True] * 5
 
 
+def test_prefetch_from_builds_the_batch_and_its_sample_on_the_worker():
+    # train.py hands the sampler's thread the making of batch b + 1 (its BPR negatives search every
+    # training key), then takes batch b: both the batch and its sample must come from the worker,
+    # and take() must find the sample by the batch the future returned.
+    from glrec_fast.sampling import Prefetcher
+    made_on = []
+
+    def make(b):
+        made_on.append(threading.current_thread().name)
+        return (torch.tensor([b]),)
+
+    pf = Prefetcher(lambda j: (int(j), threading.current_thread().name))
+    upcoming = (torch.tensor([0]),)
+    sampled_on = []
+    for b in range(5):
+        args = upcoming if isinstance(upcoming, tuple) else upcoming.result()
+        upcoming = pf.submit_from(lambda b=b: make(b + 1))
+        j, thread = pf.take(*args)
+        assert j == b
+        sampled_on.append(thread.startswith("glrec-sampler"))
+    assert int(upcoming.result()[0]) == 5
+    pf.close()
+    assert sampled_on == [False] + [True] * 4
+    assert len(made_on) == 5 and all(t.startswith("glrec-sampler") for t in made_on)
+
+    def broken():
+        raise RuntimeError("no batch")
+    pf = Prefetcher(lambda j: j)
+    with pytest.raises(RuntimeError, match="no batch"):
+        pf.submit_from(broken).result()
+    pf.close()
+
+
+def test_training_with_batches_made_ahead_matches_on_the_spot(tmp_path, monkeypatch):
+    # The training loop builds each next batch on the sampler's thread (prefetch_from). Without that
+    # method it builds batches on the training thread and samples on the spot: the same training.
+    need_dataset("ml-100k")
+    from glrec_fast import train
+    args = BASE[:-4] + ["--epochs", "1", "--patience", "0", "--model", "graphsage", "--fanouts", "[5,5]",
+                        "--num_threads", "1"]
+    made = []
+    real = sampling.SampledTraining.prefetch_from
+    monkeypatch.setattr(sampling.SampledTraining, "prefetch_from",
+                        lambda self, make: made.append(1) or real(self, make))
+    assert train.main(args + ["--out", str(tmp_path / "ahead")]) == 0
+    assert len(made) > 10   # the loop really made its batches ahead
+    monkeypatch.delattr(sampling.SampledTraining, "prefetch_from")
+    assert train.main(args + ["--out", str(tmp_path / "spot")]) == 0
+    ahead, spot = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ahead", "spot"))
+    assert ahead["history"][0]["loss"] == spot["history"][0]["loss"]
+    assert ahead["test"] == spot["test"]
+
+
 def test_prefetch_errors_surface_in_the_training_thread(graph):
     model = GraphSAGE(graph, dim=8, fanouts=[3])
     bad = torch.tensor([0, 1000])
