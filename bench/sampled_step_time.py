@@ -10,7 +10,10 @@ leaves glibc as configured, ``--no_prefetch`` samples each batch on the training
 One step is what the training loop does: the batch's pairs and BPR negatives, the next batch's
 neighbourhood submitted to the sampler's worker thread, the loss, backward and the optimiser step
 (``train.build_model`` and ``train._optimizer``: RowAdam with row-sparse tables). Only interfaces
-that older commits share are used, so the script runs unchanged against them.
+that older commits share are used, so the script runs unchanged against them. Since commit 4aa77a5 the
+training loop also builds the next batch (its BPR negatives) on the sampler's thread
+(``prefetch_from``); this bench builds it on the training thread, as older commits did, so it times
+a little more than a step of ``train.train`` does. ``bench/train_epoch_time.py`` times the loop itself.
 """
 from __future__ import annotations
 
