@@ -506,7 +506,8 @@ def test_prefetch_from_builds_the_batch_and_its_sample_on_the_worker():
 
 def test_training_with_batches_made_ahead_matches_on_the_spot(tmp_path, monkeypatch):
     # The training loop builds each next batch on the sampler's thread (prefetch_from). Without that
-    # method it builds batches on the training thread and samples on the spot: the same training.
+    # method it builds batches on the training thread and prefetches only their samples (the loop
+    # before): the same training.
     need_dataset("ml-100k")
     from glrec_fast import train
     args = BASE[:-4] + ["--epochs", "1", "--patience", "0", "--model", "graphsage", "--fanouts", "[5,5]",

@@ -46,12 +46,6 @@ namespace {
 constexpr int64_t kPrefetch = 16;
 constexpr int64_t kPrefetchRows = 4;
 
-template <typename T>
-inline void prefetch_row(const T* row, int64_t w) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
-}
-
 // Element access for float32 and bfloat16 rows (bfloat16 held as its 16 bits: the shifts vectorise).
 inline float load(const float* p, int64_t c) { return p[c]; }
 inline float load(const uint16_t* p, int64_t c) {

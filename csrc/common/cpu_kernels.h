@@ -19,6 +19,15 @@
 
 namespace glrec {
 
+// Asks for a row of w elements (a cache line at a time) ahead of its use: rows gathered at random
+// from tables far larger than the caches otherwise wait on memory one at a time. kWrite: the row
+// will be written too.
+template <bool kWrite = false, typename T>
+inline void prefetch_row(const T* row, int64_t w) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off, kWrite);
+}
+
 // Row-block boundaries of a CSR with about equal work each, row r costing (degree + 1): a power-law
 // graph (Gowalla: max degree 1,415, median 13) then splits evenly over at::parallel_for's threads.
 inline std::vector<int64_t> balanced_row_blocks(const int64_t* rp, int64_t n, int64_t num_blocks) {

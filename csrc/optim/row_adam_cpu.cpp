@@ -12,6 +12,8 @@
 
 #include <cmath>
 
+#include "../common/cpu_kernels.h"
+
 namespace glrec {
 namespace {
 
@@ -48,11 +50,9 @@ void row_adam_cpu(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_sq, c
     for (int64_t i = lo; i < hi; ++i) {
       if (i + kPrefetchRows < hi) {   // the sorted rows skip about: ask for the next ones ahead
         const int64_t r = R[i + kPrefetchRows] * d;
-        for (int64_t off = 0; off < d; off += 16) {
-          __builtin_prefetch(P + r + off, 1);
-          __builtin_prefetch(M + r + off, 1);
-          __builtin_prefetch(V + r + off, 1);
-        }
+        prefetch_row<true>(P + r, d);
+        prefetch_row<true>(M + r, d);
+        prefetch_row<true>(V + r, d);
       }
       float* p = P + R[i] * d;
       float* m = M + R[i] * d;
