@@ -1,7 +1,8 @@
 """The public ops: ``propagate``, ``gated_fusion``, ``neighbor_sample``, ``block_mean_concat`` (a
-GraphSAGE layer's input on a sampled block), ``gram_rows`` (a graph filter's first product, over each
-row's two-hop neighbourhood), ``topk_rows`` (each row's best k, for ranking) and ``row_adam_`` (the
-row-sparse optimiser step of ``optim.RowAdam``).
+GraphSAGE layer's input on a sampled block), ``dense_layer`` (that layer's GEMM and tanh),
+``gram_rows`` (a graph filter's first product, over each row's two-hop neighbourhood),
+``topk_rows`` (each row's best k, for ranking) and ``row_adam_`` (the row-sparse optimiser step of
+``optim.RowAdam``).
 
 One op, one name, many devices: each op is defined once here as ``torch.ops.glrec.<name>``; the
 compiled extension (``glrec_fast._C``) registers its C++ (and CUDA) kernels under the same name,
@@ -42,6 +43,11 @@ SCHEMAS = {
                   "Tensor rows, Tensor out_index) -> Tensor"),
     # Each row's k largest values and their columns, best first; ties in a fixed hashed column order.
     "topk_rows": "topk_rows(Tensor x, int k) -> (Tensor, Tensor)",
+    # act(x weight^T + bias), act tanh when `tanh` (a GraphSAGE layer), and its backward: (dx, dweight, dbias)
+    # for the upstream gradient; y is the forward's output (tanh's derivative reads it).
+    "dense_layer": "dense_layer(Tensor x, Tensor weight, Tensor? bias, bool tanh) -> Tensor",
+    "dense_layer_backward": ("dense_layer_backward(Tensor grad, Tensor x, Tensor weight, Tensor y, bool tanh) "
+                             "-> (Tensor, Tensor, Tensor)"),
     # optim.RowAdam's step on the rows of a row-sparse gradient, in place (rows unique).
     "row_adam_": ("row_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, Tensor grad, "
                   "float step_size, float beta1, float beta2, float eps, float bc2_sqrt) -> ()"),
@@ -89,6 +95,8 @@ _REFERENCE_KERNELS = {
     "block_mean_concat": reference.block_mean_concat,
     "csr_transpose": reference.csr_transpose,   # not differentiable: no autograd registered
     "block_mean_concat_backward": reference.block_mean_concat_backward,
+    "dense_layer": reference.dense_layer,
+    "dense_layer_backward": reference.dense_layer_backward,
     "gram_rows": reference.gram_rows,   # not differentiable: no autograd registered
     "topk_rows": reference.topk_rows,   # not differentiable: no autograd registered
 }
@@ -226,6 +234,26 @@ def _block_mean_backward(ctx, grad):
 torch.library.register_autograd("glrec::block_mean_concat", _block_mean_backward, setup_context=_block_mean_setup)
 
 
+@torch.library.register_fake("glrec::dense_layer")
+def _fake_dense_layer(x, weight, bias, tanh):
+    return x.new_empty((x.size(0), weight.size(0)))
+
+
+def _dense_setup(ctx, inputs, output):
+    x, weight, bias, tanh = inputs
+    ctx.save_for_backward(x, weight, output if tanh else None)
+    ctx.tanh, ctx.has_bias = tanh, bias is not None
+
+
+def _dense_backward(ctx, grad):
+    x, weight, y = ctx.saved_tensors
+    dx, dw, db = torch.ops.glrec.dense_layer_backward(grad.contiguous(), x, weight, x if y is None else y, ctx.tanh)
+    return dx, dw, db if ctx.has_bias else None, None
+
+
+torch.library.register_autograd("glrec::dense_layer", _dense_backward, setup_context=_dense_setup)
+
+
 # --------------------------------------------------------------------------- public wrappers
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -323,6 +351,29 @@ def block_mean_concat(h: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, 
     if _backend.backend() == "reference" or h.dtype not in (torch.float32, torch.bfloat16):
         return reference.block_mean_concat(rowptr, col, t_rowptr, t_col, h, out_dtype=out_dtype)
     return torch.ops.glrec.block_mean_concat(rowptr, col, t_rowptr, t_col, h.contiguous(), out_dtype=out_dtype)
+
+
+def dense_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                tanh: bool = False) -> torch.Tensor:
+    """``x weight^T + bias``, then ``tanh`` when asked (``reference.dense_layer``): a GraphSAGE layer
+    on its ``[h_self | h_mean]`` input. Differentiable in ``x``, ``weight`` and ``bias``. The compiled
+    kernel serves float32 CPU tensors whose in and out features are multiples of 16 (the GEMM and the
+    tanh in one pass, and a backward that reads ``x`` once for ``dweight``); anything else, bfloat16
+    included (oneDNN's bfloat16 GEMM is the faster there), runs the reference."""
+    _check_float("x", x, 2)
+    _check_float("weight", weight, 2)
+    if x.size(1) != weight.size(1):
+        raise ValueError(f"x, weight: expected x [m, k] and weight [n, k], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.size(0),):
+        raise ValueError(f"bias: expected shape ({weight.size(0)},), got {tuple(bias.shape)}")
+    fast = (_backend.backend() != "reference" and x.device.type == "cpu"
+            and KERNELS["dense_layer"]["CPU"] == "C++ (_C)"
+            and all(t is None or t.dtype == torch.float32 for t in (x, weight, bias))
+            and x.size(1) % 16 == 0 and weight.size(0) % 16 == 0)
+    if not fast:
+        return reference.dense_layer(x, weight, bias, tanh)
+    return torch.ops.glrec.dense_layer(x.contiguous(), weight, bias, bool(tanh))
 
 
 class _TableRows(torch.autograd.Function):

@@ -204,6 +204,19 @@ def block_mean_concat_backward(rowptr: torch.Tensor, t_rowptr: torch.Tensor, t_c
     return out
 
 
+def dense_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tanh: bool) -> torch.Tensor:
+    """``x weight^T + bias``, then ``tanh`` when asked: a GraphSAGE layer after its input concat."""
+    out = torch.nn.functional.linear(x, weight, bias)
+    return torch.tanh(out) if tanh else out
+
+
+def dense_layer_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, tanh: bool):
+    """``(dx, dweight, dbias)`` of :func:`dense_layer` for the upstream ``grad``; ``y`` is its output
+    (tanh's derivative is ``1 - y^2``)."""
+    dz = torch.ops.aten.tanh_backward(grad, y) if tanh else grad
+    return dz @ weight, dz.t() @ x, dz.sum(0)
+
+
 # --------------------------------------------------------------------------- neighbour sampling
 def neighbor_sample(rowptr: torch.Tensor, col: torch.Tensor, seeds: torch.Tensor, fanouts,
                     replace: bool = False, seed: int = 0):

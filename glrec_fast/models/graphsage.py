@@ -58,8 +58,7 @@ class GraphSAGE(SampledTraining, Recommender):
     def _layer(self, t: int, x: torch.Tensor) -> torch.Tensor:
         """Layer ``t`` on ``x = [h_self | h_mean]``: one GEMM with ``[W_self | W_neigh]``."""
         w = torch.cat([self.lin_self[t].weight, self.lin_neigh[t].weight], 1)
-        out = torch.nn.functional.linear(x, w.to(x.dtype), self.lin_self[t].bias.to(x.dtype))
-        return torch.tanh(out) if t < self.num_layers - 1 else out
+        return ops.dense_layer(x, w.to(x.dtype), self.lin_self[t].bias.to(x.dtype), tanh=t < self.num_layers - 1)
 
     # ------------------------------------------------------------------ training: sampled blocks
     def _first_input(self, blocks: Blocks, h0: torch.Tensor | None) -> torch.Tensor:
