@@ -353,13 +353,8 @@ def block_mean_concat(h: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, 
     return torch.ops.glrec.block_mean_concat(rowptr, col, t_rowptr, t_col, h.contiguous(), out_dtype=out_dtype)
 
 
-def dense_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                tanh: bool = False) -> torch.Tensor:
-    """``x weight^T + bias``, then ``tanh`` when asked (``reference.dense_layer``): a GraphSAGE layer
-    on its ``[h_self | h_mean]`` input. Differentiable in ``x``, ``weight`` and ``bias``. The compiled
-    kernel serves float32 CPU tensors whose in and out features are multiples of 16 (the GEMM and the
-    tanh in one pass, and a backward that reads ``x`` once for ``dweight``); anything else, bfloat16
-    included (oneDNN's bfloat16 GEMM is the faster there), runs the reference."""
+def _dense_compiled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Checks :func:`dense_layer`'s arguments; True where the compiled kernel serves them."""
     _check_float("x", x, 2)
     _check_float("weight", weight, 2)
     if x.size(1) != weight.size(1):
@@ -367,13 +362,57 @@ def dense_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                          f"{tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.size(0),):
         raise ValueError(f"bias: expected shape ({weight.size(0)},), got {tuple(bias.shape)}")
-    fast = (_backend.backend() != "reference" and x.device.type == "cpu"
+    return (_backend.backend() != "reference" and x.device.type == "cpu"
             and KERNELS["dense_layer"]["CPU"] == "C++ (_C)"
             and all(t is None or t.dtype == torch.float32 for t in (x, weight, bias))
             and x.size(1) % 16 == 0 and weight.size(0) % 16 == 0)
-    if not fast:
+
+
+def dense_layer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                tanh: bool = False) -> torch.Tensor:
+    """``x weight^T + bias``, then ``tanh`` when asked (``reference.dense_layer``): a GraphSAGE layer
+    on its ``[h_self | h_mean]`` input. Differentiable in ``x``, ``weight`` and ``bias``. The compiled
+    kernel serves float32 CPU tensors whose in and out features are multiples of 16 (the GEMM and the
+    tanh in one pass, and a backward that reads ``x`` once for ``dweight``); anything else, bfloat16
+    included (oneDNN's bfloat16 GEMM is the faster there), runs the reference."""
+    if not _dense_compiled(x, weight, bias):
         return reference.dense_layer(x, weight, bias, tanh)
     return torch.ops.glrec.dense_layer(x.contiguous(), weight, bias, bool(tanh))
+
+
+class _DenseLayerAndCorner(torch.autograd.Function):
+    """The compiled ``dense_layer`` and a copy of ``x[:rows, :cols]``; the copy's gradient is added
+    into the layer's ``dx`` in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tanh, rows, cols):
+        y = torch.ops.glrec.dense_layer(x, weight, bias, tanh)
+        ctx.save_for_backward(x, weight, y if tanh else None)
+        ctx.tanh, ctx.has_bias, ctx.rows, ctx.cols = tanh, bias is not None, rows, cols
+        return y, x[:rows, :cols].clone()
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_corner):
+        x, weight, y = ctx.saved_tensors
+        dx, dw, db = torch.ops.glrec.dense_layer_backward(grad_y.contiguous(), x, weight, x if y is None else y,
+                                                          ctx.tanh)
+        dx[:ctx.rows, :ctx.cols] += grad_corner
+        return dx, dw, db if ctx.has_bias else None, None, None, None
+
+
+def dense_layer_and_corner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tanh: bool,
+                           rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dense_layer(x, weight, bias, tanh), x[:rows, :cols])`` as one differentiable call: GraphSAGE's
+    first layer and its seeds' ID rows (the L2 term's), both read off the layer's input. Apart, autograd
+    would give the slice an ``x``-shaped zero-filled gradient and add it to the layer's: two passes over
+    ``x`` (~100 MB at 20M interactions) per step. With the compiled kernel the slice's gradient goes
+    into the layer's ``dx`` in place; elsewhere this is the two calls apart."""
+    if not 0 <= rows <= x.size(0) or not 0 <= cols <= x.size(1):
+        raise ValueError(f"rows, cols: expected 0 <= rows <= {x.size(0)} and 0 <= cols <= {x.size(1)}, "
+                         f"got {rows}, {cols}")
+    if not _dense_compiled(x, weight, bias):
+        return reference.dense_layer(x, weight, bias, tanh), x[:rows, :cols]
+    return _DenseLayerAndCorner.apply(x.contiguous(), weight, bias, bool(tanh), int(rows), int(cols))
 
 
 class _TableRows(torch.autograd.Function):

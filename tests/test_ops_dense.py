@@ -95,20 +95,39 @@ def test_dense_layer_bad_input_names_it():
 
 
 @need_kernel
+@pytest.mark.parametrize("tanh", [False, True])
+def test_dense_layer_and_corner_equals_the_layer_and_a_slice(tanh):
+    # The corner's gradient is added into the layer's dx in place: the same as autograd's sum.
+    x, w, b = _inputs(300, 64, 32)
+    g = torch.Generator().manual_seed(2)
+    gy, gc = torch.randn(300, 32, generator=g), torch.randn(41, 24, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y, corner = ops.dense_layer_and_corner(*leaves, tanh, 41, 24)
+    assert torch.equal(corner, x[:41, :24])
+    got = torch.autograd.grad((y * gy).sum() + (corner * gc).sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    y64 = reference.dense_layer(*leaves64, tanh)
+    want = torch.autograd.grad((y64 * gy.double()).sum() + (leaves64[0][:41, :24] * gc.double()).sum(), leaves64)
+    for name, a, e in zip(("x", "weight", "bias"), got, want):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match=r"rows, cols: expected 0 <= rows <= 300 and 0 <= cols <= 64"):
+        ops.dense_layer_and_corner(x, w, b, tanh, 301, 8)
+
+
+@need_kernel
 def test_graphsage_step_with_the_kernel_equals_the_reference_layers(monkeypatch):
     # One GraphSAGE loss and table gradient with the compiled layers and with the reference's.
     g = torch.Generator().manual_seed(1)
     e = torch.stack([torch.randint(0, 96, (700,), generator=g), torch.randint(0, 57, (700,), generator=g)], 1)
     graph = gl.BipartiteGraph.from_interactions(e, 97, 59)
     users, pos, neg = torch.tensor([0, 3, 50, 96]), torch.tensor([1, 2, 1, 57]), torch.tensor([7, 8, 1, 58])
-    ref_layer = reference.dense_layer
     results = []
     for use_kernel in (True, False):
         with monkeypatch.context() as mp:
             if use_kernel:   # the kernel really runs: a fallback to the reference would raise
                 mp.setattr(reference, "dense_layer", lambda *a: pytest.fail("dense_layer fell back"))
-            else:
-                mp.setattr(ops, "dense_layer", lambda x, w, b=None, tanh=False: ref_layer(x, w, b, tanh))
+            else:            # every layer through the reference (autograd's slice gradient included)
+                mp.setattr(ops, "_dense_compiled", lambda *a: False)
             torch.manual_seed(0)
             model = GraphSAGE(graph, dim=32, fanouts=[3, 4], sample_seed=5)
             loss, _ = model.loss(users, pos, neg, 1e-4)

@@ -122,6 +122,11 @@ def test_clang_build_works(tmp_path):
         out = ops.propagate(g, x, 3)
         ref = reference.propagate(g, x.detach(), 3)
         assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+        assert ops.KERNELS["dense_layer"]["CPU"] == "C++ (_C)"   # GCC vector extensions, as clang reads them
+        x2, w2, b2 = torch.randn(37, 48), torch.randn(80, 48) * 0.2, torch.randn(80)
+        out = ops.dense_layer(x2, w2, b2, tanh=True)
+        ref = reference.dense_layer(x2, w2, b2, True)
+        assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
         print("ok", ops._C.openmp)
     """ % str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -55,10 +55,14 @@ class GraphSAGE(SampledTraining, Recommender):
         self.lin_self = nn.ModuleList(nn.Linear(dim, dim) for _ in range(self.num_layers))
         self.lin_neigh = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(self.num_layers))
 
-    def _layer(self, t: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer ``t`` on ``x = [h_self | h_mean]``: one GEMM with ``[W_self | W_neigh]``."""
-        w = torch.cat([self.lin_self[t].weight, self.lin_neigh[t].weight], 1)
-        return ops.dense_layer(x, w.to(x.dtype), self.lin_self[t].bias.to(x.dtype), tanh=t < self.num_layers - 1)
+    def _layer(self, t: int, x: torch.Tensor, seed_rows: int | None = None):
+        """Layer ``t`` on ``x = [h_self | h_mean]``: one GEMM with ``[W_self | W_neigh]``. With
+        ``seed_rows`` (not None), also the ID rows of the first ``seed_rows`` rows (``x``'s self half)."""
+        w = torch.cat([self.lin_self[t].weight, self.lin_neigh[t].weight], 1).to(x.dtype)
+        b, tanh = self.lin_self[t].bias.to(x.dtype), t < self.num_layers - 1
+        if seed_rows is not None:
+            return ops.dense_layer_and_corner(x, w, b, tanh, seed_rows, self.ego.embedding_dim)
+        return ops.dense_layer(x, w, b, tanh=tanh)
 
     # ------------------------------------------------------------------ training: sampled blocks
     def _first_input(self, blocks: Blocks, h0: torch.Tensor | None) -> torch.Tensor:
@@ -78,12 +82,16 @@ class GraphSAGE(SampledTraining, Recommender):
             blocks.table_cols(self.num_layers - 1)
         return blocks
 
-    def _layers(self, blocks: Blocks, x: torch.Tensor) -> torch.Tensor:
-        h = self._layer(0, x)
+    def _layers(self, blocks: Blocks, x: torch.Tensor, seed_rows: int | None = None):
+        """The final embeddings of the block's seeds from layer 0's input ``x``; with ``seed_rows``,
+        ``(embeddings, the first seed_rows rows' ID rows)``."""
+        h = self._layer(0, x, seed_rows)
+        if seed_rows is not None:
+            h, rows = h
         for t in range(1, self.num_layers):
             hop = self.num_layers - 1 - t  # layer t uses the edges of hops 0..hop
             h = self._layer(t, ops.block_mean_concat(h, *blocks.mean_csr(hop)))
-        return h.float()
+        return (h.float(), rows.float()) if seed_rows is not None else h.float()
 
     def block_embeddings(self, blocks: Blocks, h0: torch.Tensor | None = None) -> torch.Tensor:
         """Final embeddings of the unique seeds (local-id order) computed on ``blocks``."""
@@ -91,8 +99,7 @@ class GraphSAGE(SampledTraining, Recommender):
 
     def block_forward(self, blocks: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
         # The seeds' ID rows are the self half of layer 0's first rows: no second read of the table.
-        x = self._first_input(blocks, None)
-        return self._layers(blocks, x), x[: blocks.sizes[0], : self.ego.embedding_dim].float()
+        return self._layers(blocks, self._first_input(blocks, None), seed_rows=blocks.sizes[0])
 
     def row_tables(self):
         return [self.ego]
