@@ -824,5 +824,5 @@ if __name__ == "__main__":
         # torchrun: an uncaught error's traceback reaches the launcher, which ends every rank and
         # names this one as the root cause.
         from torch.distributed.elastic.multiprocessing.errors import record
-        main = record(main)
+        distributed.exit_rank(record(main)())
     sys.exit(main())

@@ -88,6 +88,25 @@ def test_sharded_evaluation_is_bit_identical_to_one_process(ml100k):
         metrics.evaluate(scorer, ds.test, ds.num_users, ds.num_items, shard=(2, 2), **kw)
 
 
+def test_exit_rank_flushes_and_keeps_the_exit_code(tmp_path):
+    # A finished rank leaves with os._exit: what it printed and logged (block-buffered into pipes and
+    # a file) must be out first, and the launcher must see the code main returned.
+    code = ("import logging, sys\n"
+            "from glrec_fast import distributed\n"
+            f"logging.basicConfig(filename={str(tmp_path / 'rank.log')!r}, level=logging.INFO)\n"
+            "logging.getLogger('x').info('logged line')\n"
+            "print('printed line', end='')\n"
+            "sys.stderr.write('stderr line')\n"
+            "distributed.exit_rank(3)\n"
+            "print('never')\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PYTHONUNBUFFERED", None)   # block-buffered pipes, as under torchrun
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 3
+    assert proc.stdout == "printed line" and proc.stderr.endswith("stderr line")
+    assert "logged line" in (tmp_path / "rank.log").read_text()
+
+
 def test_one_process_run_is_not_distributed(monkeypatch):
     for k in distributed.ENV_KEYS:
         monkeypatch.delenv(k, raising=False)
