@@ -245,10 +245,15 @@ def _dense_setup(ctx, inputs, output):
     ctx.tanh, ctx.has_bias = tanh, bias is not None
 
 
-def _dense_backward(ctx, grad):
-    x, weight, y = ctx.saved_tensors
+def _dense_grads(ctx, grad):
+    """(dx, dweight, dbias or None) from what ``_dense_setup`` / ``_DenseLayerAndCorner`` saved."""
+    x, weight, y = ctx.saved_tensors   # y: None without tanh (the kernel then ignores its y)
     dx, dw, db = torch.ops.glrec.dense_layer_backward(grad.contiguous(), x, weight, x if y is None else y, ctx.tanh)
-    return dx, dw, db if ctx.has_bias else None, None
+    return dx, dw, db if ctx.has_bias else None
+
+
+def _dense_backward(ctx, grad):
+    return *_dense_grads(ctx, grad), None
 
 
 torch.library.register_autograd("glrec::dense_layer", _dense_backward, setup_context=_dense_setup)
@@ -393,11 +398,9 @@ class _DenseLayerAndCorner(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_corner):
-        x, weight, y = ctx.saved_tensors
-        dx, dw, db = torch.ops.glrec.dense_layer_backward(grad_y.contiguous(), x, weight, x if y is None else y,
-                                                          ctx.tanh)
+        dx, dw, db = _dense_grads(ctx, grad_y)
         dx[:ctx.rows, :ctx.cols] += grad_corner
-        return dx, dw, db if ctx.has_bias else None, None, None, None
+        return dx, dw, db, None, None, None
 
 
 def dense_layer_and_corner(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tanh: bool,

@@ -8,7 +8,7 @@
 // accumulators) and applies bias and tanh before the tile leaves the registers.
 //
 // Numerics: products summed in float32 in k order; tanh from a range-reduced exp (|x| >= 0.5) or its
-// odd Taylor series (|x| < 0.5), within a few float32 ulps of std::tanh (tests/test_dense_layer.py).
+// odd Taylor series (|x| < 0.5), within a few float32 ulps of std::tanh (tests/test_ops_dense.py).
 // Shapes: in and out features multiples of 16 (ops.dense_layer sends anything else to the reference).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
