@@ -67,6 +67,24 @@ def test_dense_layer_is_deterministic():
         assert torch.equal(a, e)
 
 
+@need_kernel
+def test_dense_layer_gives_the_same_bits_for_any_thread_count():
+    # The backward adds its dW / db partials per fixed row block, whichever thread ran the block, so
+    # one thread and two give the same bits (a per-thread partial would not).
+    x, w, b = _inputs(9000, 128, 64)
+    g = torch.randn(9000, 64)
+    before, outs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = torch.ops.glrec.dense_layer(x, w, b, True)
+            outs.append((y, *torch.ops.glrec.dense_layer_backward(g, x, w, y, True)))
+    finally:
+        torch.set_num_threads(before)
+    for a, e in zip(*outs):
+        assert torch.equal(a, e)
+
+
 def test_dense_layer_routes_what_the_kernel_does_not_serve_to_the_reference():
     # bfloat16 and features that are not multiples of 16 run the reference, bit for bit.
     x, w, b = _inputs(33, 24, 8)

@@ -158,9 +158,7 @@ template <typename F>
 void for_row_blocks(const int64_t* rp, int64_t rows, F body) {
   const auto bounds = balanced_row_blocks(rp, rows, std::max<int64_t>(1, at::get_num_threads() * 16));
   const int64_t num_blocks = static_cast<int64_t>(bounds.size()) - 1;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) body(bounds[b], bounds[b + 1]);
-  });
+  parallel_chunks(num_blocks, [&](int64_t b) { body(bounds[b], bounds[b + 1]); });
 }
 
 }  // namespace

@@ -33,6 +33,8 @@ typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 constexpr int kRows = 4;      // rows in a register tile
 constexpr int kVecs = 4;      // 16-float vectors across a full tile (64 columns)
 constexpr int64_t kSlab = 32; // rows per slab of the backward
+constexpr int64_t kChunkRows = 512;      // rows per chunk of the forward's thread split
+constexpr int64_t kBackwardBlocks = 16;  // the backward's row blocks, each with its dW^T / db partial
 
 #define GLREC_INLINE inline __attribute__((always_inline))
 
@@ -216,7 +218,9 @@ at::Tensor dense_layer_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const float* Wt = wt.data_ptr<float>();
   const float* B = b.defined() ? b.data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, m, 256, [&](int64_t lo, int64_t hi) { forward_rows(X, k, Wt, n, B, act, Y, lo, hi); });
+  parallel_chunks((m + kChunkRows - 1) / kChunkRows, [&](int64_t c) {
+    forward_rows(X, k, Wt, n, B, act, Y, c * kChunkRows, std::min(m, (c + 1) * kChunkRows));
+  });
   return y;
 }
 
@@ -237,9 +241,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_layer_backward_cpu(const at
   }
   const at::Tensor w = weight.contiguous();
   at::Tensor dx = at::empty({m, k}, x.options());
-  // One block of rows per thread, each with its partial dW^T and db, added up in block order
-  // (deterministic for a thread count).
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (m + 255) / 256));
+  // A fixed number of row blocks, each with its partial dW^T and db, added up in block order: the
+  // result does not depend on the thread count or on which thread ran a block.
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(kBackwardBlocks, (m + kChunkRows - 1) / kChunkRows));
   at::Tensor dwt_part = at::zeros({blocks, k, n}, x.options());
   at::Tensor db_part = at::zeros({blocks, n}, x.options().dtype(at::kDouble));
   at::Tensor dz_slabs = at::empty({blocks, kSlab * n}, x.options());
@@ -251,11 +255,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_layer_backward_cpu(const at
   float* PW = dwt_part.data_ptr<float>();
   double* PB = db_part.data_ptr<double>();
   float* DZ = dz_slabs.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bl = b0; bl < b1; ++bl) {
-      backward_rows(G, Y, act, X, k, W, n, DX, PW + bl * k * n, PB + bl * n, DZ + bl * kSlab * n, m * bl / blocks,
-                    m * (bl + 1) / blocks);
-    }
+  parallel_chunks(blocks, [&](int64_t bl) {
+    backward_rows(G, Y, act, X, k, W, n, DX, PW + bl * k * n, PB + bl * n, DZ + bl * kSlab * n, m * bl / blocks,
+                  m * (bl + 1) / blocks);
   });
   at::Tensor dw = dwt_part.sum(0).t().contiguous();
   at::Tensor db = db_part.sum(0).to(at::kFloat);

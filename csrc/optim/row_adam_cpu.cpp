@@ -46,7 +46,9 @@ void row_adam_cpu(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_sq, c
   const float b2 = static_cast<float>(beta2), w1 = static_cast<float>(1.0 - beta1),
               w2 = static_cast<float>(1.0 - beta2), e = static_cast<float>(eps),
               bc2 = static_cast<float>(bc2_sqrt), ss = static_cast<float>(-step_size);
-  at::parallel_for(0, n, 256, [&](int64_t lo, int64_t hi) {
+  constexpr int64_t kChunkRows = 1024;
+  parallel_chunks((n + kChunkRows - 1) / kChunkRows, [&](int64_t c) {
+    const int64_t lo = c * kChunkRows, hi = std::min(n, lo + kChunkRows);
     for (int64_t i = lo; i < hi; ++i) {
       if (i + kPrefetchRows < hi) {   // the sorted rows skip about: ask for the next ones ahead
         const int64_t r = R[i + kPrefetchRows] * d;

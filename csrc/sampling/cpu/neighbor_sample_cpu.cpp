@@ -31,6 +31,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "../../common/cpu_kernels.h"
 #include "../sampling_common.h"
 
 namespace glrec {
@@ -179,54 +180,6 @@ struct Chunk {
   int64_t bad_node = -1;  // frontier index whose rowptr entries are invalid
   int64_t bad_edge = -1;  // edge id whose col entry is out of range
 };
-
-// Runs f(0) .. f(num_chunks - 1), on the calling thread plus up to `helpers` threads of ATen's
-// inter-op pool, each claiming the next chunk from a shared counter. The caller never waits for a
-// helper to *start* -- only for chunks a helper has claimed -- so a helper thread that the OS
-// schedules late (another process on the core) costs nothing; at::parallel_for's static split and
-// end-of-region barrier wait for every thread. Measured on Gowalla, [10, 10], 1024 seeds, 2
-// threads, 300 interleaved calls while other jobs kept this 2-core machine at load ~6: median
-// 16.8 ms per call with at::parallel_for vs 7.0 ms here. Which thread runs a chunk never changes
-// what the chunk computes, so results do not depend on the thread count.
-struct ChunkQueue {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t total = 0;
-  std::function<void(int64_t)> fn;  // only called after a successful claim, i.e. while the caller waits
-  std::mutex error_mutex;
-  std::exception_ptr error;
-
-  void drain() {
-    while (true) {
-      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= total) return;
-      try {
-        fn(c);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-      }
-      done.fetch_add(1, std::memory_order_acq_rel);
-    }
-  }
-};
-
-template <typename F>
-void run_chunks(int64_t num_chunks, int64_t helpers, const F& f) {
-  if (helpers <= 0 || num_chunks <= 1 || at::in_parallel_region()) {
-    for (int64_t c = 0; c < num_chunks; ++c) f(c);
-    return;
-  }
-  // Shared with helpers that may start after this function returned: they then find no chunk
-  // to claim and touch nothing but this state.
-  auto q = std::make_shared<ChunkQueue>();
-  q->total = num_chunks;
-  q->fn = [&f](int64_t c) { f(c); };
-  for (int64_t h = 0; h < std::min(helpers, num_chunks - 1); ++h) at::launch([q] { q->drain(); });
-  q->drain();
-  while (q->done.load(std::memory_order_acquire) < num_chunks) std::this_thread::yield();
-  if (q->error) std::rethrow_exception(q->error);
-}
 
 at::Tensor to_tensor(const std::vector<int64_t>& v, int64_t n) {
   at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kLong));
