@@ -242,6 +242,17 @@ def lightgcn_sampled(h0: torch.Tensor, graph, blocks: Blocks) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- prefetching
+def _one_thread_here() -> None:
+    """The worker's ops run on its own thread only (``glrec_fast._C.one_thread_here``): the training
+    thread's kernels already use every core torch was given, and a second team of threads on the
+    worker made both wait on each other (20M GraphSAGE step, one process, A/B every 30 steps:
+    180-185 vs 190-194 ms; bench/RESULTS.md). Without the extension nothing changes."""
+    from . import _backend
+    mod = _backend.load_extension()
+    if mod is not None and hasattr(mod, "one_thread_here"):
+        mod.one_thread_here()
+
+
 class Prefetcher:
     """Runs ``fn(*args)`` on one worker thread ahead of time; ``take(*args)`` returns its result.
 
@@ -262,7 +273,8 @@ class Prefetcher:
 
     def _worker(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glrec-sampler")
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glrec-sampler",
+                                                               initializer=_one_thread_here)
         while len(self._queue) >= self.depth:
             self._queue.popleft()[1].cancel()
         return self._pool

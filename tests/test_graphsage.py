@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import glrec_fast as gl
-from glrec_fast import ops, reference, sampling
+from glrec_fast import _backend, ops, reference, sampling
 from glrec_fast.models.graphsage import GraphSAGE, SampledLightGCN
 from conftest import need_dataset
 
@@ -469,6 +469,35 @@ def test_prefetch_in_the_training_loops_order_samples_ahead():
         where.append(thread.startswith("glrec-sampler"))
     pf.close()
     assert where == [False] + [True] * 5
+
+
+@pytest.mark.skipif(not hasattr(_backend.load_extension(), "one_thread_here"), reason="compiled extension not built")
+def test_the_sampler_worker_runs_its_ops_on_one_thread_and_leaves_the_others_alone():
+    # Its ops (torch's and the compiled sampler's) must stay on one thread after their first parallel
+    # use, which re-reads torch's default; the training thread and later threads keep theirs.
+    import threading
+    from glrec_fast.sampling import Prefetcher
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x = torch.randn(1 << 22)   # big enough that sort and sum go parallel when they may
+        rowptr, col = torch.arange(0, 2001, 2), torch.arange(2000) % 7   # 1000 rows over 7 columns
+
+        def work():   # a compiled op and torch's parallel ops first, then the thread count they leave
+            ops.csr_transpose(rowptr, col, 7)
+            return (x * 2).sum(), torch.sort(x).values[0], torch.get_num_threads()
+        pf = Prefetcher(work)
+        pf.submit()
+        assert pf.take()[2] == 1
+        assert torch.get_num_threads() == 2
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2]
+        pf.close()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_prefetch_from_builds_the_batch_and_its_sample_on_the_worker():
