@@ -29,9 +29,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // torch.set_num_threads cannot do that: it also sets the process default, and each thread
   // re-reads that default on its first parallel op -- once inside libtorch and once inside this
   // module (each keeps its own first-use flag). Both first uses are made here before the thread's
-  // OpenMP setting is lowered (this module's parallel_for asks libtorch for the thread count, which
-  // makes libtorch's first use as well; the zeros make it regardless). Used for the sampler's worker (sampling.Prefetcher), whose second
-  // thread team only contends with the training thread's on a small machine.
+  // OpenMP setting is lowered. (This module's parallel_for asks libtorch for the thread count, which
+  // makes libtorch's first use too; the zeros make it regardless.) Used for the sampler's worker
+  // (sampling.Prefetcher), whose second thread team only contended with the training thread's.
   m.def("one_thread_here", []() {
     at::zeros({1 << 16}).sum();                 // a parallel op inside libtorch: its first use
     at::parallel_for(0, 2, 1, [](int64_t, int64_t) {});   // and this module's

@@ -131,7 +131,6 @@ void run_chunks(int64_t num_chunks, int64_t helpers, const F& f) {
   if (q->error) std::rethrow_exception(q->error);
 }
 
-
 // run_chunks with every thread torch may use: the training kernels' split. A kernel run while the
 // sampler's worker thread shares the two cores keeps both busy instead of waiting at the end of a
 // static split for the thread the OS set aside.
