@@ -4,6 +4,7 @@
     python bench/distributed_scaling.py --models graphsage --nprocs 1 2 --epochs 2 --repeats 2
     python bench/distributed_scaling.py --frontier --frontier_steps 5   # why a rank's step does not halve
     python bench/distributed_scaling.py --ceiling --models graphsage --json bench/results/distributed_ceiling.json
+    python bench/distributed_scaling.py --models graphsage --nprocs 2 --train_args="--propagate_dtype bfloat16"
 
 Every run is ``torchrun --standalone --nproc_per_node=N -m glrec_fast.train`` (gloo, ``--device cpu
 --num_threads 1``; one process is launched the same way, so it pays the same DDP machinery) with the
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -36,11 +38,14 @@ MODELS = {
 }
 
 
+TRAIN_ARGS: list[str] = []   # --train_args: more glrec_fast.train options for every run
+
+
 def _cmd(model: str, nproc: int, epochs: int, dataset: str, out: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "glrec_fast.train", "--dataset", dataset, *MODELS[model], "--epochs", str(epochs),
             "--eval_every", str(epochs), "--grokking", "false", "--patience", "0", "--device", "cpu",
-            "--num_threads", "1", "--out", out]
+            "--num_threads", "1", *TRAIN_ARGS, "--out", out]
 
 
 def _env():
@@ -154,7 +159,10 @@ def main(argv=None) -> int:
                     "for each of 2 ranks' halves, the bound they set on a 2-rank speed-up")
     ap.add_argument("--frontier_steps", type=int, default=0, help="--frontier: also time this many one-thread "
                     "GraphSAGE steps on the full and the half batch")
+    ap.add_argument("--train_args", default="", help="more glrec_fast.train options for every run, one string "
+                    "(e.g. --train_args=\"--propagate_dtype bfloat16\")")
     args = ap.parse_args(argv)
+    TRAIN_ARGS[:] = shlex.split(args.train_args)
     if args.frontier is not None:
         res = frontier(args.dataset, args.frontier or [1024, 2048, 4096, 8192, 16384], steps=args.frontier_steps)
         path = os.path.join(os.path.dirname(args.json), "distributed_frontier.json")

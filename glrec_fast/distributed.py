@@ -154,6 +154,21 @@ def setup(device_name: str, timeout_min: float) -> tuple[Context, torch.device]:
     return ctx, device
 
 
+def idle_cpus_hint(cpus: int, local_world: int, threads: int) -> str | None:
+    """A line for the log when ``local_world`` ranks of ``threads`` torch threads each leave some of
+    the machine's ``cpus`` idle (torchrun sets OMP_NUM_THREADS=1 for every rank unless told otherwise,
+    so a 2-rank job on 16 CPUs runs 2 threads); None when they use them all."""
+    if threads * local_world >= cpus:
+        return None
+    return (f"{local_world} rank(s) of {threads} torch thread(s) each use {threads * local_world} of this machine's "
+            f"{cpus} CPUs; --num_threads {cpus // local_world} gives each rank its share")
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def teardown(ctx: Context) -> None:
     if ctx.active and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -225,7 +240,7 @@ def _dense_row_mean(p: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, worl
     torch.distributed.all_reduce(buf)
     rows = torch.nonzero(buf[:, d]).flatten()   # ascending: the gradient is coalesced by construction
     return torch.sparse_coo_tensor(rows.unsqueeze(0), buf[:, :d].index_select(0, rows) / world, p.shape,
-                                   is_coalesced=True)
+                                   is_coalesced=True, check_invariants=False)   # in range by construction
 
 
 def sync_row_grads(params: list[torch.Tensor], ctx: Context) -> None:

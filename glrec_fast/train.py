@@ -369,6 +369,11 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
                              f"world size {ctx.world_size}")
     if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
+    elif ctx.backend == "gloo" and main_rank:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or ctx.world_size)
+        hint = distributed.idle_cpus_hint(distributed.cpu_count(), local_world, torch.get_num_threads())
+        if hint:
+            log.warning("distributed: %s", hint)
     seed_everything(cfg["seed"])
     t0 = time.time()
     ds = load_data(cfg)

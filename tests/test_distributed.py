@@ -107,6 +107,14 @@ def test_exit_rank_flushes_and_keeps_the_exit_code(tmp_path):
     assert "logged line" in (tmp_path / "rank.log").read_text()
 
 
+def test_idle_cpus_hint_names_the_threads_that_would_use_them():
+    # torchrun's default of one thread per rank, 2 ranks on 16 CPUs: 14 idle
+    assert distributed.idle_cpus_hint(16, 2, 1) == ("2 rank(s) of 1 torch thread(s) each use 2 of this machine's 16 "
+                                                    "CPUs; --num_threads 8 gives each rank its share")
+    assert distributed.idle_cpus_hint(2, 2, 1) is None and distributed.idle_cpus_hint(16, 2, 8) is None
+    assert distributed.idle_cpus_hint(16, 4, 16) is None   # oversubscribed: not this hint's business
+
+
 def test_one_process_run_is_not_distributed(monkeypatch):
     for k in distributed.ENV_KEYS:
         monkeypatch.delenv(k, raising=False)
