@@ -3,6 +3,7 @@
     python bench/distributed_scaling.py                          # Gowalla: LightGCN (full graph) and GraphSAGE (sampled)
     python bench/distributed_scaling.py --models graphsage --nprocs 1 2 --epochs 2 --repeats 2
     python bench/distributed_scaling.py --frontier --frontier_steps 5   # why a rank's step does not halve
+    python bench/distributed_scaling.py --frontier 8192 --dataset synthetic   # the same bound on issue 14's 20M graph
     python bench/distributed_scaling.py --ceiling --models graphsage --json bench/results/distributed_ceiling.json
     python bench/distributed_scaling.py --models graphsage --nprocs 2 --train_args="--propagate_dtype bfloat16"
 
@@ -100,7 +101,15 @@ def ceiling(model: str, epochs: int, dataset: str, copies: int = 2) -> dict:
     return out
 
 
-def frontier(dataset: str, batches: list[int], fanouts=(10, 10), steps: int = 0) -> list[dict]:
+def _synthetic_shape(dataset: str, n: int) -> dict:
+    """load_dataset's arguments for ``synthetic``: n interactions, users and items in the proportions of
+    issue 14's 20M graph (bench/train_epoch_time.py)."""
+    return (dict(num_users=max(2000, n // 100), num_items=max(1000, n // 200), num_interactions=n)
+            if dataset == "synthetic" else {})
+
+
+def frontier(dataset: str, batches: list[int], fanouts=(10, 10), steps: int = 0,
+             synthetic_interactions: int = 20_000_000) -> list[dict]:
     """Why a rank's step does not shrink with its shard: the sampled neighbourhood of half a batch is
     most of the full batch's. For each global batch B: GraphSAGE's sampled edges and nodes for the
     first batch of an epoch as one process draws it, and for each of 2 ranks' halves (their own
@@ -113,7 +122,7 @@ def frontier(dataset: str, batches: list[int], fanouts=(10, 10), steps: int = 0)
     from glrec_fast.models.graphsage import GraphSAGE
     from glrec_fast.sampling import bpr_blocks
     torch.set_num_threads(1)
-    ds = gl.load_dataset(dataset)
+    ds = gl.load_dataset(dataset, **_synthetic_shape(dataset, synthetic_interactions))
     g = gl.BipartiteGraph.from_interactions(ds.train, ds.num_users, ds.num_items)
     nodes = g.num_users + g.num_items
     gen = torch.Generator().manual_seed(0)
@@ -146,7 +155,9 @@ def frontier(dataset: str, batches: list[int], fanouts=(10, 10), steps: int = 0)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="gowalla")
+    ap.add_argument("--dataset", default="gowalla", help="a dataset name; --frontier also takes synthetic "
+                    "(--synthetic_interactions, users and items in issue 14's proportions)")
+    ap.add_argument("--synthetic_interactions", type=int, default=20_000_000)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--nprocs", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--epochs", type=int, default=2)
@@ -164,8 +175,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     TRAIN_ARGS[:] = shlex.split(args.train_args)
     if args.frontier is not None:
-        res = frontier(args.dataset, args.frontier or [1024, 2048, 4096, 8192, 16384], steps=args.frontier_steps)
-        path = os.path.join(os.path.dirname(args.json), "distributed_frontier.json")
+        res = frontier(args.dataset, args.frontier or [1024, 2048, 4096, 8192, 16384], steps=args.frontier_steps,
+                       synthetic_interactions=args.synthetic_interactions)
+        name = "distributed_frontier" + ("" if args.dataset == "gowalla" else f"_{args.dataset}")
+        path = os.path.join(os.path.dirname(args.json), name + ".json")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump({"args": vars(args), "frontier": res, "commit": _commit()}, f, indent=1)
