@@ -6,6 +6,7 @@ Each torchrun job here is a pair of real processes with one thread each; the mod
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +132,37 @@ def test_two_ranks_write_rank0_files_only(two_rank_run):
     assert "distributed: 2 ranks, backend gloo" in log
     assert "[rank 0]" in log and "[rank 1]" not in log
     assert "[rank 1] glrec_fast.train: epoch" not in proc.stderr   # other ranks log warnings only
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_by_rendezvous_train_what_one_launch_does(two_rank_run, tmp_path):
+    """The README's multi-machine line, its two "machines" on this one: two torchrun launchers, one
+    process each, meet through the c10d rendezvous. The 2-rank job they form writes its files once
+    and reports the metrics of the same job launched by one torchrun, to every digit."""
+    out, _ = two_rank_run
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_id=glrec-test", "-m", "glrec_fast.train", *RUN,
+           "--out", str(tmp_path / "nodes")]
+    logs = [open(tmp_path / f"node{i}.log", "w+") for i in range(2)]
+    nodes = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    try:
+        codes = [p.wait(timeout=240) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    text = [(log.seek(0), log.read())[1] for log in logs]
+    assert codes == [0, 0], text[0][-2000:] + text[1][-2000:]
+    assert not any("will be ignored" in t for t in text)   # the README's flags are all used
+    assert sorted(p.name for p in (tmp_path / "nodes").iterdir()) == sorted(p.name for p in out.iterdir())
+    assert "distributed: 2 ranks, backend gloo" in (tmp_path / "nodes" / "train.log").read_text()
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "nodes", out))
+    assert got["test"] == want["test"] and got["history"][-1]["loss"] == want["history"][-1]["loss"]
 
 
 def test_two_rank_evaluation_equals_one_process_on_the_checkpoint(two_rank_run, ml100k):
