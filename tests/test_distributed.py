@@ -149,14 +149,15 @@ def test_two_machines_by_rendezvous_train_what_one_launch_does(two_rank_run, tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
            f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_id=glrec-test", "-m", "glrec_fast.train", *RUN,
            "--out", str(tmp_path / "nodes")]
-    logs = [open(tmp_path / f"node{i}.log", "w+") for i in range(2)]
-    nodes = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT) for log in logs]
-    try:
-        codes = [p.wait(timeout=240) for p in nodes]
-    finally:
-        for p in nodes:
-            p.kill()
-    text = [(log.seek(0), log.read())[1] for log in logs]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    with open(logs[0], "w") as a, open(logs[1], "w") as b:
+        nodes = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT) for f in (a, b)]
+        try:
+            codes = [p.wait(timeout=240) for p in nodes]
+        finally:
+            for p in nodes:
+                p.kill()
+    text = [log.read_text() for log in logs]
     assert codes == [0, 0], text[0][-2000:] + text[1][-2000:]
     assert not any("will be ignored" in t for t in text)   # the README's flags are all used
     assert sorted(p.name for p in (tmp_path / "nodes").iterdir()) == sorted(p.name for p in out.iterdir())
