@@ -1,6 +1,7 @@
 """Atomic checkpoint and file writes: a crash mid-write never leaves a truncated file behind."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -45,6 +46,15 @@ def _json_default(o):
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def digest(path) -> str:
+    """A short hash of the file's bytes (blake2b): whether two processes read the same checkpoint."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load(path, map_location="cpu"):

@@ -103,6 +103,22 @@ class Context:
     def eval_shard(self) -> tuple[int, int] | None:
         return (self.rank, self.world_size) if self.active and self.world_size > 1 else None
 
+    def check_same_checkpoint(self, path: str, digest: str, epoch: int, step: int) -> None:
+        """Every rank resumed from the same bytes as rank 0 (one all-gather); otherwise a LaunchError,
+        on every rank, naming the ranks that read another file: ranks that resumed from different
+        states would train apart without an error (the row-sparse tables and the optimiser state are
+        never broadcast), or wait on each other at different steps."""
+        if not self.active:
+            return
+        every: list = [None] * self.world_size
+        torch.distributed.all_gather_object(every, (path, digest, int(epoch), int(step)))
+        p0, d0, e0, s0 = every[0]
+        odd = [f"rank {r} read {p!r} (epoch {e}, step {s})" for r, (p, d, e, s) in enumerate(every) if d != d0]
+        if odd:
+            raise LaunchError(f"--resume: the ranks read different checkpoints: rank 0 read {p0!r} (epoch {e0}, step "
+                              f"{s0}), {'; '.join(odd)}. Every rank must resume from the same file: put --out on a "
+                              f"filesystem every machine shares")
+
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()

@@ -6,6 +6,7 @@ Each torchrun job here is a pair of real processes with one thread each; the mod
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -140,24 +141,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_launchers(args: list[str], outs: list, timeout: float = 240) -> tuple[list[int], list[str]]:
+    """Two torchrun launchers, one process each, that meet through the c10d rendezvous (two machines'
+    launch line, both on this one); launcher i trains into ``outs[i]``. Their exit codes and output."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_id=glrec-test", "-m", "glrec_fast.train", *args]
+    logs = [pathlib.Path(f"{o}.launcher{i}.log") for i, o in enumerate(outs)]
+    with open(logs[0], "w") as a, open(logs[1], "w") as b:
+        nodes = [subprocess.Popen([*cmd, "--out", str(o)], env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+                 for o, f in zip(outs, (a, b))]
+        try:
+            codes = [p.wait(timeout=timeout) for p in nodes]
+        finally:
+            for p in nodes:
+                p.kill()
+    return codes, [log.read_text() for log in logs]
+
+
 def test_two_machines_by_rendezvous_train_what_one_launch_does(two_rank_run, tmp_path):
     """The README's multi-machine line, its two "machines" on this one: two torchrun launchers, one
     process each, meet through the c10d rendezvous. The 2-rank job they form writes its files once
     and reports the metrics of the same job launched by one torchrun, to every digit."""
     out, _ = two_rank_run
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_id=glrec-test", "-m", "glrec_fast.train", *RUN,
-           "--out", str(tmp_path / "nodes")]
-    logs = [tmp_path / f"node{i}.log" for i in range(2)]
-    with open(logs[0], "w") as a, open(logs[1], "w") as b:
-        nodes = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT) for f in (a, b)]
-        try:
-            codes = [p.wait(timeout=240) for p in nodes]
-        finally:
-            for p in nodes:
-                p.kill()
-    text = [log.read_text() for log in logs]
+    codes, text = _two_launchers(RUN, [tmp_path / "nodes"] * 2)
     assert codes == [0, 0], text[0][-2000:] + text[1][-2000:]
     assert not any("will be ignored" in t for t in text)   # the README's flags are all used
     assert sorted(p.name for p in (tmp_path / "nodes").iterdir()) == sorted(p.name for p in out.iterdir())
@@ -208,6 +215,30 @@ def test_resume_needs_the_same_world_size(two_rank_run):
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2
     assert "written by a run of 2 process(es)" in proc.stderr and "same world size (now 1)" in proc.stderr
+
+
+def test_two_ranks_resume_where_they_stopped_and_only_from_one_checkpoint(two_rank_run, tmp_path):
+    """A 2-rank run of 1 epoch resumed to 2 epochs reports what the unbroken 2-epoch run reports, to
+    every digit. Ranks that find different checkpoints (two machines whose --out folders are not
+    shared: one holds a newer last.pt) stop with one clear error instead of training apart."""
+    out, _ = two_rank_run
+    run = tmp_path / "run"
+    first = run_train(2, run, extra=["--epochs", "1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    stale = tmp_path / "stale"
+    shutil.copytree(run, stale)   # what a second machine's own --out would still hold
+    again = run_train(2, run, extra=["--epochs", "2", "--resume"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in (run / "train.log").read_text()
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (run, out))
+    assert got["test"] == want["test"] and [h["loss"] for h in got["history"]] == [h["loss"] for h in want["history"]]
+
+    codes, text = _two_launchers([*RUN, "--epochs", "3", "--resume"], [run, stale])
+    assert codes[0] != 0 and codes[1] != 0
+    said = text[0] + text[1]
+    assert "--resume: the ranks read different checkpoints" in said, said[-3000:]
+    assert "(epoch 2, step" in said and "(epoch 1, step" in said   # rank 0 and rank 1's states, named
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 2   # nothing trained or written
 
 
 def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
