@@ -40,6 +40,23 @@ class LaunchError(ValueError):
     """The job as launched does not fit this machine or this run (device, world size, backend)."""
 
 
+class PeerTimeout(RuntimeError):
+    """A collective waited ``--dist_timeout`` minutes for the other ranks and gave up."""
+
+
+def peer_timeout(e: BaseException, ctx: "Context", timeout_min: float) -> PeerTimeout | None:
+    """``e`` restated for the user when it is a collective's timeout on a distributed run (gloo says
+    "Timed out waiting ...", NCCL's watchdog "Watchdog caught collective operation timeout"); None
+    for any other error."""
+    text = str(e)
+    if not ctx.active or not ("Timed out" in text or "timeout" in text.lower()):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return PeerTimeout(f"rank {ctx.rank}: a collective waited --dist_timeout={timeout_min:g} min for the other ranks "
+                       f"and gave up ({first}). Another rank is stuck or has died: its log says which. If a step "
+                       f"or an evaluation legitimately takes longer, raise --dist_timeout")
+
+
 @dataclass(frozen=True)
 class Context:
     """Who this process is in the job. ``Context()`` is the one-process run."""

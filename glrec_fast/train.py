@@ -349,6 +349,11 @@ def train(cfg: dict, callbacks=()) -> dict:
     ctx, dist_device = distributed.setup(cfg["device"], cfg["dist_timeout"])
     try:
         return _train(cfg, callbacks, ctx, dist_device or _device(cfg["device"]))
+    except RuntimeError as e:
+        said = distributed.peer_timeout(e, ctx, cfg["dist_timeout"])
+        if said is None:
+            raise
+        raise said from e
     finally:
         distributed.teardown(ctx)
 
@@ -822,6 +827,9 @@ def main(argv=None) -> int:
         log.error("%s", e)
         print(f"glrec_fast.train: {e}", file=sys.stderr)
         return 3
+    except distributed.PeerTimeout as e:   # torchrun: the launcher then ends the other ranks
+        print(f"glrec_fast.train: {e}", file=sys.stderr)
+        return 4
     return 0
 
 

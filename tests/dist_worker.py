@@ -1,22 +1,25 @@
-"""Run by ``torchrun`` from tests/test_distributed.py: ``glrec_fast.train.train`` on every rank with a
-user callback that raises on one rank at one step (a rank failing mid-training, as a bug or a bad
-batch would). Usage: ``torchrun ... dist_worker.py FAIL_RANK FAIL_STEP --key value ...``."""
+"""Run by ``torchrun`` from tests/test_distributed.py: the ``python -m glrec_fast.train`` command line on
+every rank, with one more callback that, on one rank at one step, raises (a rank failing mid-training, as a bug or a bad
+batch would) or hangs (a rank stuck in a deadlock or on a dead disk).
+Usage: ``torchrun ... dist_worker.py raise|hang FAIL_RANK FAIL_STEP --key value ...``."""
 import os
 import sys
+import time
 
-from glrec_fast import config
-from glrec_fast.train import train
+from glrec_fast import distributed, train
 
 
 class FailOnRank:
-    def __init__(self, rank: int, step: int):
-        self.rank, self.step = rank, step
+    def __init__(self, how: str, rank: int, step: int):
+        self.how, self.rank, self.step = how, rank, step
 
     def on_start(self, **_):
         pass
 
     def on_step(self, step, **_):
         if int(os.environ["RANK"]) == self.rank and step == self.step:
+            if self.how == "hang":
+                time.sleep(3600)
             raise RuntimeError(f"injected failure on rank {self.rank} at step {step}")
 
     def on_epoch_end(self, **_):
@@ -27,5 +30,10 @@ class FailOnRank:
 
 
 if __name__ == "__main__":
-    fail_rank, fail_step = int(sys.argv[1]), int(sys.argv[2])
-    train(config.resolve(sys.argv[3:]), callbacks=[FailOnRank(fail_rank, fail_step)])
+    how, fail_rank, fail_step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if how not in ("raise", "hang"):
+        raise SystemExit(f"dist_worker.py: expected raise or hang, got {how!r}")
+    defaults = train.default_callbacks
+    train.default_callbacks = lambda cfg: [*defaults(cfg), FailOnRank(how, fail_rank, fail_step)]
+    from torch.distributed.elastic.multiprocessing.errors import record
+    distributed.exit_rank(record(train.main)(sys.argv[4:]))   # what glrec_fast.train's __main__ does

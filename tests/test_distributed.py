@@ -247,12 +247,29 @@ def test_two_ranks_resume_where_they_stopped_and_only_from_one_checkpoint(two_ra
 def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
     need_dataset("ml-100k")
     t = time.time()
-    proc = torchrun(2, [str(REPO / "tests" / "dist_worker.py"), "1", "3", *RUN, "--epochs", "5",
+    proc = torchrun(2, [str(REPO / "tests" / "dist_worker.py"), "raise", "1", "3", *RUN, "--epochs", "5",
                         "--out", str(tmp_path / "fail")], timeout=180)
     assert proc.returncode != 0
     assert "injected failure on rank 1 at step 3" in proc.stdout + proc.stderr
     assert time.time() - t < 120
     assert not (tmp_path / "fail" / "metrics.json").exists()
+
+
+def test_a_rank_that_hangs_ends_the_job_after_the_collective_timeout(tmp_path):
+    """Rank 1 stops answering at step 3; rank 0's next collective gives up after --dist_timeout
+    (0.1 min here) and the job ends with the reason, instead of waiting forever."""
+    need_dataset("ml-100k")
+    t = time.time()
+    proc = torchrun(2, [str(REPO / "tests" / "dist_worker.py"), "hang", "1", "3", *RUN, "--epochs", "5",
+                        "--dist_timeout", "0.1", "--out", str(tmp_path / "hang")], timeout=180)
+    took = time.time() - t
+    assert proc.returncode != 0
+    said = proc.stdout + proc.stderr
+    assert "injected failure" not in said   # the hung rank never got to raise: the job ended around it
+    assert "glrec_fast.train: rank 0: a collective waited --dist_timeout=0.1 min for the other ranks" in said, said[-3000:]
+    assert "exitcode  : 4" in said and "[rank0]: Traceback" not in said   # one line from the rank, no traceback
+    assert took < 120, took
+    assert not (tmp_path / "hang" / "metrics.json").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
