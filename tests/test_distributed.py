@@ -205,10 +205,7 @@ def test_two_ranks_reach_one_process_quality(two_rank_run, tmp_path):
     m2 = json.loads((out / "metrics.json").read_text())
     # Same global batches and the same averaged gradient: equal up to the all-reduce's float order.
     assert m1["epochs_run"] == m2["epochs_run"] == 2
-    if extra[1] == "hybrid":   # its branches draw nothing per rank: the one-process model, to every digit
-        assert m1["test"] == m2["test"]
-    else:
-        assert abs(m1["test"]["ndcg@20"] - m2["test"]["ndcg@20"]) < 0.005, (m1["test"], m2["test"])
+    assert abs(m1["test"]["ndcg@20"] - m2["test"]["ndcg@20"]) < 0.005, (m1["test"], m2["test"])
     assert abs(m1["history"][-1]["loss"] - m2["history"][-1]["loss"]) < 0.005
 
 
@@ -325,8 +322,10 @@ def test_every_trained_model_runs_on_two_ranks_at_one_process_quality(tmp_path, 
     assert one.returncode == 0, one.stderr[-3000:]
     m1, m2 = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert m1["model"] == m2["model"] == extra[1]
-    print("NDCG", extra, m1["test"]["ndcg@20"], m2["test"]["ndcg@20"])
-    assert abs(m1["test"]["ndcg@20"] - m2["test"]["ndcg@20"]) < 0.005, (m1["test"], m2["test"])
+    if extra[1] == "hybrid":   # its branches draw nothing per rank: the one-process model, to every digit
+        assert m1["test"] == m2["test"]
+    else:
+        assert abs(m1["test"]["ndcg@20"] - m2["test"]["ndcg@20"]) < 0.005, (m1["test"], m2["test"])
 
 
 def test_sampled_training_is_deterministic_for_a_world_size(tmp_path):
