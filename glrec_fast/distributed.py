@@ -49,7 +49,7 @@ def peer_timeout(e: BaseException, ctx: "Context", timeout_min: float) -> PeerTi
     "Timed out waiting ...", NCCL's watchdog "Watchdog caught collective operation timeout"); None
     for any other error."""
     text = str(e)
-    if not ctx.active or not ("Timed out" in text or "timeout" in text.lower()):
+    if not ctx.active or not ("Timed out waiting" in text or "collective operation timeout" in text):
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return PeerTimeout(f"rank {ctx.rank}: a collective waited --dist_timeout={timeout_min:g} min for the other ranks "

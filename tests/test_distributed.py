@@ -117,6 +117,21 @@ def test_idle_cpus_hint_names_the_threads_that_would_use_them():
     assert distributed.idle_cpus_hint(16, 4, 16) is None   # oversubscribed: not this hint's business
 
 
+def test_peer_timeout_restates_collective_timeouts_only():
+    ctx = distributed.Context(rank=1, world_size=2, backend="gloo")
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 6000ms for recv operation to "
+                        "complete")
+    said = distributed.peer_timeout(gloo, ctx, 0.1)
+    assert isinstance(said, distributed.PeerTimeout)
+    assert str(said).startswith("rank 1: a collective waited --dist_timeout=0.1 min for the other ranks and gave up "
+                                "([gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 6000ms")
+    nccl = RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE) "
+                        "ran for 600000 milliseconds before timing out.")
+    assert distributed.peer_timeout(nccl, ctx, 10.0) is not None
+    assert distributed.peer_timeout(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ctx, 10.0) is None
+    assert distributed.peer_timeout(gloo, distributed.Context(), 10.0) is None   # one process has no peers
+
+
 def test_one_process_run_is_not_distributed(monkeypatch):
     for k in distributed.ENV_KEYS:
         monkeypatch.delenv(k, raising=False)
