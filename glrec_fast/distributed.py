@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import checkpoint
+
 log = logging.getLogger("glrec_fast.train")
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -120,15 +122,16 @@ class Context:
     def eval_shard(self) -> tuple[int, int] | None:
         return (self.rank, self.world_size) if self.active and self.world_size > 1 else None
 
-    def check_same_checkpoint(self, path: str, digest: str, epoch: int, step: int) -> None:
-        """Every rank resumed from the same bytes as rank 0 (one all-gather); otherwise a LaunchError,
-        on every rank, naming the ranks that read another file: ranks that resumed from different
-        states would train apart without an error (the row-sparse tables and the optimiser state are
-        never broadcast), or wait on each other at different steps."""
+    def check_same_checkpoint(self, path: str, epoch: int, step: int) -> None:
+        """Every rank resumed from the same bytes as rank 0 (a hash of ``path``, one all-gather; nothing
+        on a one-process run); otherwise a LaunchError, on every rank, naming the ranks that read
+        another file: ranks that resumed from different states would train apart without an error
+        (the row-sparse tables and the optimiser state are never broadcast), or wait on each other
+        at different steps."""
         if not self.active:
             return
         every: list = [None] * self.world_size
-        torch.distributed.all_gather_object(every, (path, digest, int(epoch), int(step)))
+        torch.distributed.all_gather_object(every, (path, checkpoint.digest(path), int(epoch), int(step)))
         p0, d0, e0, s0 = every[0]
         odd = [f"rank {r} read {p!r} (epoch {e}, step {s})" for r, (p, d, e, s) in enumerate(every) if d != d0]
         if odd:

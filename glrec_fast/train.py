@@ -422,7 +422,7 @@ def _train(cfg: dict, callbacks, ctx: distributed.Context, device: torch.device)
         if saved_world != ctx.world_size:
             raise distributed.LaunchError(f"--resume: {last_path!r} was written by a run of {saved_world} process(es); "
                              f"resume it with the same world size (now {ctx.world_size})")
-        ctx.check_same_checkpoint(last_path, checkpoint.digest(last_path), ck["state"]["epoch"], ck["state"]["step"])
+        ctx.check_same_checkpoint(last_path, ck["state"]["epoch"], ck["state"]["step"])
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         for group in opt.param_groups:  # the resumed run's --lr applies (e.g. lowering it after a divergence)

@@ -24,10 +24,14 @@ RUN = ["--dataset", "ml-100k", "--split", "random", "--model", "lightgcn", "--ep
        "--num_threads", "1", "--emb_dim", "32"]
 
 
+def _env() -> dict:
+    """A torchrun launcher's environment: this checkout importable, one thread per process."""
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
 def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def run_train(nproc: int, out, extra=()) -> subprocess.CompletedProcess:
@@ -159,12 +163,11 @@ def _free_port() -> int:
 def _two_launchers(args: list[str], outs: list, timeout: float = 240) -> tuple[list[int], list[str]]:
     """Two torchrun launchers, one process each, that meet through the c10d rendezvous (two machines'
     launch line, both on this one); launcher i trains into ``outs[i]``. Their exit codes and output."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
            f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_id=glrec-test", "-m", "glrec_fast.train", *args]
     logs = [pathlib.Path(f"{o}.launcher{i}.log") for i, o in enumerate(outs)]
     with open(logs[0], "w") as a, open(logs[1], "w") as b:
-        nodes = [subprocess.Popen([*cmd, "--out", str(o)], env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        nodes = [subprocess.Popen([*cmd, "--out", str(o)], env=_env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
                  for o, f in zip(outs, (a, b))]
         try:
             codes = [p.wait(timeout=timeout) for p in nodes]
